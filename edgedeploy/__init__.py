@@ -1,0 +1,16 @@
+"""edgedeploy: lightweight vision models from PyTorch to ONNX to TensorRT, verified, run on the GPU."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "create_model", "list_models"]
+
+
+def __getattr__(name: str):
+    # Lazy so that `import edgedeploy` (and `deploy --help`) does not pay for torch.
+    if name in ("create_model", "list_models"):
+        from edgedeploy.models import registry
+
+        return getattr(registry, name)
+    raise AttributeError(name)

@@ -1,0 +1,1 @@
+"""Profiling (parameters, MACs, memory) and trtexec-style benchmarks."""

@@ -1,0 +1,64 @@
+"""`deploy` command line. Each sub-command lives in its own room and is imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from edgedeploy import __version__
+from edgedeploy.errors import EXIT_ERROR, EXIT_INTERRUPTED, EdgeDeployError
+
+# name -> (module exposing `configure(parser)` and `run(args) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("edgedeploy.models.cli", "list every model variant with parameters and MACs"),
+    "profile": ("edgedeploy.benchmarks.profile_cli", "parameters, MACs, per-layer table, peak activation memory"),
+    "train": ("edgedeploy.train.cli", "train a model on an ImageFolder/YOLO/VOC dataset or `synthetic`"),
+    "eval": ("edgedeploy.train.eval_cli", "evaluate a checkpoint, ONNX file or engine with the same code"),
+    "export": ("edgedeploy.export.cli", "PyTorch -> ONNX (parity-proved) -> FP16/INT8 -> TensorRT engines"),
+    "bench": ("edgedeploy.benchmarks.bench_cli", "trtexec-style latency/throughput report; --compare backends"),
+    "run": ("edgedeploy.runtime.camera_cli", "run a model on a camera, video file or RTSP stream"),
+    "demo": ("edgedeploy.demo", "the main job on synthetic data: train, export, prove parity, benchmark"),
+    "doctor": ("edgedeploy.doctor", "what this machine can do, and what to install for the rest"),
+    "triton": ("edgedeploy.engines.triton", "write a Triton Inference Server model repository"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deploy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgedeploy {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).configure(p)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            p.set_defaults(_missing=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    if getattr(args, "_missing", False):
+        print(f"deploy {args.command}: not available in this build", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except EdgeDeployError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: no partial artifacts were left behind", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""One registry and one `create_model`, in the spirit of timm.
+
+A model file registers each variant with `@register_model(...)`, giving the builder, its task, its default
+input size and the published figures it must reproduce (checked by tests and shown in `deploy models`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from edgedeploy.errors import UnknownModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Callable[..., nn.Module]
+    task: str  # "classify" | "detect" | "segment"
+    family: str
+    imgsz: int  # published/default square input size
+    published_params: float | None = None  # parameter count (absolute, e.g. 5.48e6)
+    published_macs: float | None = None  # multiply-accumulates at `imgsz` (absolute)
+    source: str = ""  # where the published figures come from
+    torchvision_name: str | None = None  # torchvision builder with the same state_dict layout, if any
+    default_num_classes: int = 1000
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    letterbox: bool = False  # detection models take letterboxed input; classifiers a plain resize
+    aliases: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_model(
+    name: str,
+    *,
+    task: str,
+    family: str,
+    imgsz: int,
+    aliases: tuple[str, ...] = (),
+    **info,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering a builder `fn(num_classes=..., **kwargs) -> nn.Module` under `name`."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY or name in _ALIASES:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelInfo(name=name, builder=fn, task=task, family=family, imgsz=imgsz, aliases=aliases, **info)
+        for alias in aliases:
+            if alias in _ALIASES or alias in _REGISTRY:
+                raise ValueError(f"alias {alias!r} registered twice")
+            _ALIASES[alias] = name
+        return fn
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    import edgedeploy.models  # noqa: F401  (importing the package registers every model file)
+
+
+def _canonical(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """Look a model up by name or alias; an unknown name raises with the nearest matches."""
+    _ensure_loaded()
+    key = _canonical(name)
+    if key in _REGISTRY:
+        return _REGISTRY[key]
+    candidates = list(_REGISTRY) + list(_ALIASES)
+    near = difflib.get_close_matches(key, candidates, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(near)}?" if near else ""
+    raise UnknownModelError(f"unknown model {name!r}.{hint} Run `deploy models` for the full list.")
+
+
+def list_models(task: str | None = None) -> list[str]:
+    _ensure_loaded()
+    return sorted(n for n, i in _REGISTRY.items() if task is None or i.task == task)
+
+
+def list_aliases() -> dict[str, str]:
+    _ensure_loaded()
+    return dict(_ALIASES)
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    weights: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build a registered model. `weights` is a checkpoint path (ours or a torchvision state_dict)."""
+    info = get_model_info(name)
+    model = info.builder(num_classes=num_classes if num_classes is not None else info.default_num_classes, **kwargs)
+    if weights is not None:
+        from edgedeploy.models.checkpoint import load_weights
+
+        load_weights(model, weights)
+    model.model_info = info  # type: ignore[attr-defined]  (lets exporters/pipelines find task and preprocessing)
+    return model
