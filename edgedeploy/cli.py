@@ -24,13 +24,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only `command`'s options are configured (and its module imported) when given,
+    so `deploy --help` and `deploy doctor` stay fast and do not pull in torch."""
     parser = argparse.ArgumentParser(prog="deploy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edgedeploy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        if command is not None and name != command:
+            continue
         try:
             importlib.import_module(module).configure(p)
         except ModuleNotFoundError as e:
@@ -42,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -1,13 +1,14 @@
-"""Model zoo. Importing this package registers every model file with the registry."""
+"""Model zoo. `load_all()` imports every model file, which registers its variants with the registry.
+
+Kept lazy so that light-weight users of this package (the `deploy` CLI's argument parser) do not pay for torch.
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from edgedeploy.models.registry import ModelInfo, create_model, get_model_info, list_models, register_model
-
 # Each module registers its variants on import. Listed explicitly so a reader sees the whole zoo here.
-_MODEL_MODULES = (
+MODEL_MODULES = (
     "mobilenetv1",
     "mobilenetv2",
     "mobilenetv3",
@@ -20,11 +21,22 @@ _MODEL_MODULES = (
     "yolox",
 )
 
-for _m in _MODEL_MODULES:
-    try:
-        importlib.import_module(f"edgedeploy.models.{_m}")
-    except ModuleNotFoundError as e:  # a model file not written yet must not break the others
-        if e.name != f"edgedeploy.models.{_m}":
-            raise
+__all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model", "load_all"]
 
-__all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model"]
+_loaded = False
+
+
+def load_all() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for m in MODEL_MODULES:
+            importlib.import_module(f"edgedeploy.models.{m}")
+
+
+def __getattr__(name: str):
+    if name in ("ModelInfo", "create_model", "get_model_info", "list_models", "register_model"):
+        from edgedeploy.models import registry
+
+        return getattr(registry, name)
+    raise AttributeError(name)

@@ -66,7 +66,9 @@ def register_model(
 
 
 def _ensure_loaded() -> None:
-    import edgedeploy.models  # noqa: F401  (importing the package registers every model file)
+    from edgedeploy.models import load_all  # importing the model files registers every variant
+
+    load_all()
 
 
 def _canonical(name: str) -> str:

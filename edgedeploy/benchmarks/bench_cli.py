@@ -1,0 +1,121 @@
+"""`deploy bench`: trtexec-style latency/throughput of an engine, ONNX file or PyTorch model.
+
+    deploy bench model.fp16.engine --batch 8 --duration 5
+    deploy bench model.onnx --iterations 200 --json report.json
+    deploy bench --model mobilenetv3_small                      # PyTorch eager
+    deploy bench --compare model.onnx model.int8.onnx model.fp16.engine --model mobilenetv3_small --out cmp/
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifacts", nargs="*", help=".engine / .onnx / .pt files (several with --compare)")
+    parser.add_argument("--model", help="registry model: benchmarked with PyTorch eager (and named in --compare)")
+    parser.add_argument("--weights", help="checkpoint for --model")
+    parser.add_argument("--imgsz", type=int, help="input size for --model (default: the model's)")
+    parser.add_argument("--num-classes", type=int, help="classes in --weights, when not the model's default")
+    parser.add_argument("--backend", choices=["tensorrt", "onnxruntime", "torch"], help="override the backend")
+    parser.add_argument("--device", help="cpu | cuda (ONNX Runtime / PyTorch)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--warmup", type=float, default=200.0, help="warm-up in ms (default 200, as trtexec)")
+    parser.add_argument("--duration", type=float, default=3.0, help="timed run in seconds (default 3, as trtexec)")
+    parser.add_argument("--iterations", type=int, help="exact number of timed queries (overrides --duration)")
+    parser.add_argument("--percentiles", default="90,95,99", help="comma-separated (default 90,95,99)")
+    graph = parser.add_mutually_exclusive_group()
+    graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=True,
+                       help="TensorRT: replay inference as a CUDA graph (default on, as trtexec 11)")
+    graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
+    parser.add_argument("--json", help="also write the report(s) as JSON to this file")
+    parser.add_argument("--compare", action="store_true", help="benchmark every artifact (and --model with PyTorch) "
+                        "into a markdown table and a latency-vs-accuracy PNG")
+    parser.add_argument("--accuracy", help="--compare: JSON of measured accuracy {label or path: value}")
+    parser.add_argument("--out", default="bench_compare", help="--compare: output folder (table.md, latency_accuracy.png)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _entry_for_artifact(path: str, args: argparse.Namespace):
+    from pathlib import Path
+
+    from edgedeploy.benchmarks.compare import CompareEntry
+    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.runtime.engine import engine_kind, load_engine
+
+    meta = read_sidecar(path, required=False)
+    backend = args.backend or engine_kind(path)
+    precision = meta.precision if meta else "fp32"
+    label = f"{backend} {precision}"
+    return CompareEntry(
+        label=label if not args.compare else f"{label} ({Path(path).name})",
+        open=lambda: load_engine(path, backend=args.backend, device=args.device, model=args.model,
+                                 cuda_graph=args.cuda_graph, num_classes=args.num_classes, imgsz=args.imgsz),
+        model=(meta.model if meta else args.model) or "", imgsz=int(meta.input_shape[-1]) if meta else args.imgsz,
+        num_classes=len(meta.class_names) if meta and meta.class_names else args.num_classes,
+        task=meta.task if meta else "", path=path,
+    )
+
+
+def _entry_for_model(args: argparse.Namespace):
+    from edgedeploy.benchmarks.compare import CompareEntry
+    from edgedeploy.models.registry import create_model, get_model_info
+    from edgedeploy.runtime.backends.torch import TorchEngine
+
+    info = get_model_info(args.model)
+    size = args.imgsz or info.imgsz
+
+    def open_engine():
+        net = create_model(args.model, num_classes=args.num_classes, weights=args.weights)
+        return TorchEngine(net, input_shape=(-1, 3, size, size), device=args.device)
+
+    return CompareEntry(label="torch fp32 (eager)", open=open_engine, model=info.name, imgsz=size, task=info.task,
+                        num_classes=args.num_classes, comparable=bool(args.weights))
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edgedeploy.benchmarks.bench import BenchConfig, run_benchmark
+    from edgedeploy.errors import EdgeDeployError
+    from edgedeploy.io import atomic_write_json, atomic_write_text
+
+    if not args.artifacts and not args.model:
+        raise EdgeDeployError("give an artifact (.engine/.onnx/.pt) or --model NAME to benchmark")
+    try:
+        percentiles = tuple(float(p) for p in args.percentiles.split(",") if p.strip())
+    except ValueError as e:
+        raise EdgeDeployError(f"--percentiles must be numbers like 90,95,99 ({e})") from e
+    config = BenchConfig(batch=args.batch, warmup_ms=args.warmup, duration_s=args.duration,
+                         iterations=args.iterations, percentiles=percentiles)
+    entries = ([_entry_for_model(args)] if args.model and (args.compare or not args.artifacts) else [])
+    entries += [_entry_for_artifact(p, args) for p in args.artifacts]
+
+    if args.compare:
+        from edgedeploy.benchmarks.compare import load_accuracy, markdown_table, plot_latency_accuracy, run_compare
+
+        reference = next((e.label for e in entries if e.comparable), "-")
+        accuracy, metric = (load_accuracy(args.accuracy) if args.accuracy else
+                            (None, f"agreement with {reference} (%)"))
+        rows = run_compare(entries, config, accuracy=accuracy, progress=not args.no_progress)
+        out = Path(args.out)
+        table = markdown_table(rows, metric)
+        atomic_write_text(out / "table.md", table)
+        png = plot_latency_accuracy(rows, out / "latency_accuracy.png", metric)
+        print(table)
+        print(f"wrote {out / 'table.md'}" + (f" and {png}" if png else ""))
+        if args.json:
+            atomic_write_json(args.json, [r.report.to_dict() if r.report else {"label": r.entry.label, "error": r.error}
+                                          for r in rows])
+        return 0 if any(r.report for r in rows) else 1
+
+    reports = []
+    for e in entries:
+        with e.open() as engine:
+            rep = run_benchmark(engine, config, progress=not args.no_progress, label=e.label)
+        print(f"=== {e.label} ===")
+        print(rep.format())
+        reports.append(rep.to_dict())
+    if args.json:
+        atomic_write_json(args.json, reports[0] if len(reports) == 1 else reports)
+    return 0

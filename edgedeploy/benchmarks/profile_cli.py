@@ -1,0 +1,43 @@
+"""`deploy profile`: parameters, MACs, the heaviest layers and peak activation memory of a model or ONNX file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="registered model name (see `deploy models`)")
+    src.add_argument("--onnx", metavar="FILE", help="an exported ONNX file (MACs read from the graph)")
+    parser.add_argument(
+        "--imgsz",
+        type=int,
+        default=None,
+        help="square input size (default: the model's own; for ONNX, fills dynamic H/W)",
+    )
+    parser.add_argument("--num-classes", type=int, default=None, help="head size (default: the model's own)")
+    parser.add_argument("--top", type=int, default=15, help="layers to list, heaviest first (0 = all)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgedeploy.benchmarks.profiler import profile_model, profile_onnx
+
+    if args.onnx:
+        profile = profile_onnx(args.onnx, imgsz=args.imgsz)
+        label = args.onnx
+    else:
+        from edgedeploy.models import create_model, get_model_info
+
+        info = get_model_info(args.model)  # unknown names raise with the nearest matches
+        imgsz = args.imgsz or info.imgsz
+        model = create_model(info.name, num_classes=args.num_classes)
+        profile = profile_model(model, imgsz)
+        label = info.name
+    if args.json:
+        print(json.dumps({"model": label, **profile.to_dict(top=args.top)}, indent=2))
+    else:
+        print(label)
+        print(profile.format(top=args.top))
+    return 0

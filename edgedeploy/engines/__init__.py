@@ -1,0 +1,1 @@
+"""Engine builders (TensorRT, TensorRT-RTX) and the artifact sidecar."""

@@ -1,0 +1,168 @@
+"""Builder logic shared by TensorRT and TensorRT-RTX (their Python APIs are the same shape).
+
+parse ONNX with the ONNX parser (its errors are shown, not a bare traceback) -> strongly typed network ->
+builder config (workspace limit, optimization profile for a dynamic batch, timing cache) ->
+serialized engine written atomically, plus the JSON sidecar.
+
+The `trt` module is passed in, so unit tests can inject a fake that records calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
+from edgedeploy.errors import EngineBuildError
+from edgedeploy.io import atomic_write_bytes, sha256_file
+
+
+@dataclass
+class BuildRequest:
+    onnx_path: Path
+    engine_path: Path
+    meta: ArtifactMeta  # filled in by the caller (model, task, IO, normalisation, precision); builder fields here
+    batch: tuple[int, int, int] = (1, 1, 1)  # (min, opt, max) for a dynamic batch axis
+    workspace_mb: int | None = None
+    timing_cache: Path | None = None  # read before, written back after the build (TensorRT only)
+
+
+@dataclass
+class BuildResult:
+    engine_path: Path
+    sidecar_path: Path
+    build_time_s: float
+    engine_bytes: int
+    builder: str
+    builder_version: str
+    warnings: list[str] = field(default_factory=list)
+    timing_cache: str = ""  # "reused" | "created" | "n/a (...)"
+
+
+def make_logger(trt: ModuleType):
+    """A trt.ILogger that keeps every message (errors and warnings go into exceptions and the report)."""
+
+    class CapturingLogger(trt.ILogger):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.messages: list[tuple[Any, str]] = []
+
+        def log(self, severity, msg) -> None:  # noqa: D401
+            self.messages.append((severity, str(msg)))
+
+        def at_most(self, level) -> list[str]:
+            return [m for s, m in self.messages if int(s) <= int(level)]
+
+    return CapturingLogger()
+
+
+def parser_errors(parser) -> list[str]:
+    out = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        node = ""
+        try:
+            node = f" (node {err.node()}: {err.node_name()} [{err.node_operator()}])"
+        except Exception:  # noqa: BLE001  (older parsers lack the node accessors)
+            pass
+        out.append(f"{err.desc()}{node}" if hasattr(err, "desc") else str(err))
+    return out
+
+
+def network_flags(trt: ModuleType) -> int:
+    """Strongly typed: precision comes from the ONNX. Accepted (ignored) by TensorRT 11, required for 10.x."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 1 << int(flag) if flag is not None else 0
+
+
+def add_profile(trt: ModuleType, builder, network, config, batch: tuple[int, int, int]) -> dict[str, list]:
+    """An optimization profile for every input with a dynamic (-1) batch axis; returns what was set."""
+    shapes: dict[str, list] = {}
+    profile = None
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = list(tensor.shape)
+        if not any(d == -1 for d in dims):
+            continue
+        if any(d == -1 for d in dims[1:]):
+            raise EngineBuildError(
+                f"input {tensor.name} has dynamic non-batch dims {dims}: export with a fixed --imgsz"
+            )
+        profile = profile or builder.create_optimization_profile()
+        mn, opt, mx = ([b] + dims[1:] for b in batch)
+        profile.set_shape(tensor.name, mn, opt, mx)
+        shapes[tensor.name] = [mn, opt, mx]
+    if profile is not None:
+        config.add_optimization_profile(profile)
+    return shapes
+
+
+def build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_timing_cache: bool = True) -> BuildResult:
+    """Parse, configure, build and write `req.engine_path` + sidecar. Raises EngineBuildError with the logs."""
+    logger = make_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(req.onnx_path)):
+        msgs = parser_errors(parser) or logger.at_most(trt.ILogger.Severity.ERROR)
+        raise EngineBuildError(
+            f"{builder_name} ONNX parser rejected {req.onnx_path.name}:\n  " + "\n  ".join(msgs or ["(no message)"])
+        )
+    config = builder.create_builder_config()
+    if req.workspace_mb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(req.workspace_mb) << 20)
+    add_profile(trt, builder, network, config, req.batch)
+
+    cache_state = "n/a (TensorRT-RTX: timing cache operations are no-ops)"
+    if use_timing_cache and req.timing_cache is not None:
+        data = req.timing_cache.read_bytes() if req.timing_cache.exists() else b""
+        cache = config.create_timing_cache(data)
+        config.set_timing_cache(cache, False)  # False: a cache from another device/version is rejected, not used
+        cache_state = "reused" if data else "created"
+
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_time = time.perf_counter() - t0
+    if serialized is None:
+        msgs = logger.at_most(trt.ILogger.Severity.ERROR) or ["(the builder logged no error)"]
+        raise EngineBuildError(f"{builder_name} failed to build {req.engine_path.name}:\n  " + "\n  ".join(msgs))
+    blob = bytes(memoryview(serialized))
+
+    if use_timing_cache and req.timing_cache is not None:
+        atomic_write_bytes(req.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    atomic_write_bytes(req.engine_path, blob)
+
+    meta = req.meta
+    meta.builder = builder_name
+    meta.builder_version = str(getattr(trt, "__version__", ""))
+    meta.build_time_s = round(build_time, 3)
+    meta.onnx_sha256 = sha256_file(req.onnx_path)
+    meta.batch = {"min": req.batch[0], "opt": req.batch[1], "max": req.batch[2]}
+    meta.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    sidecar = write_sidecar(req.engine_path, meta)
+    return BuildResult(
+        engine_path=req.engine_path,
+        sidecar_path=sidecar,
+        build_time_s=build_time,
+        engine_bytes=len(blob),
+        builder=builder_name,
+        builder_version=meta.builder_version,
+        warnings=logger.at_most(trt.ILogger.Severity.WARNING)[:20],
+        timing_cache=cache_state,
+    )
+
+
+def cuda_device() -> tuple[str, str]:
+    """(GPU name, compute capability "8.6") of device 0, or ("", "") without a CUDA GPU."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability(0)
+            return torch.cuda.get_device_name(0), f"{major}.{minor}"
+    except Exception:  # noqa: BLE001
+        pass
+    return "", ""

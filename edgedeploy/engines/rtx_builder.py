@@ -1,0 +1,29 @@
+"""Ahead-of-time engine builds with TensorRT-RTX (`tensorrt_rtx_bindings`, pip extra `edgedeploy[rtx]`).
+
+It builds without a GPU (CPU-only AOT is its default), which is how CI proves every ONNX we write builds.
+The engines run only on RTX-class GPUs (compute capability 8.0/8.6/8.9/12.x; an H100 is refused).
+Timing caches are no-ops in TensorRT-RTX, so none is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from edgedeploy.engines.common import BuildRequest, BuildResult, build_engine
+from edgedeploy.errors import BuilderUnavailableError
+
+INSTALL_HINT = "TensorRT-RTX is not importable: `pip install edgedeploy[rtx]` (tensorrt-rtx-cu13-bindings + libs)."
+
+
+def load_rtx() -> ModuleType:
+    try:
+        return importlib.import_module("tensorrt_rtx_bindings")
+    except ImportError as e:
+        raise BuilderUnavailableError(INSTALL_HINT) from e
+
+
+def build(req: BuildRequest, trt: ModuleType | None = None) -> BuildResult:
+    trt = trt or load_rtx()
+    req.meta.gpu_name, req.meta.compute_capability = "", ""  # AOT: not tied to the build machine's GPU
+    return build_engine(trt, "tensorrt-rtx", req, use_timing_cache=False)

@@ -1,0 +1,225 @@
+"""The task adapter interface: what the export pipeline needs to know about a task (classify/detect/segment).
+
+The pipeline (edgedeploy.export.pipeline) is task-agnostic. It asks the model's adapter, found by
+`get_task_adapter(info.task)`, for:
+
+- `wrap_for_export(model, options)`  the nn.Module that is actually exported (e.g. detector + decode + NMS,
+                                     segmenter + argmax). Default: the model unchanged.
+- `output_names(options)`            ONNX output names, in the order the wrapped module returns them.
+- `input_names(options)`             default ["images"].
+- `dynamic_axes(options)`            default: axis 0 of every input and output is "batch" when
+                                     options.dynamic_batch is set, else {}.
+- `synthetic_images(info, imgsz, n, rng)`  real-looking uint8 BGR HxWx3 images (drawn shapes, textures) used
+                                     for parity inputs, calibration and the held-out eval set when the user
+                                     gives no directory. Override with something that fires the task's head.
+- `preprocess(img_bgr, info, imgsz)` image -> (1, 3, imgsz, imgsz) float32 network input. Default: the CPU
+                                     reference in edgedeploy.data.preprocess (letterbox iff info.letterbox).
+- `sample_inputs(info, imgsz, n, rng)`  parity inputs, each (1, 3, H, W) float32: preprocessed synthetic images
+                                     plus one N(0, 1) tensor (random inputs reach value ranges images do not).
+- `compare(names, torch_outs, onnx_outs, rtol, atol)` -> ParityResult. Default: assert_allclose on every
+                                     output. Override when an output is discrete (NMS indices, argmax masks)
+                                     and must be compared differently (e.g. matched boxes, pixel agreement).
+- `parity_tolerance(precision)`      (rtol, atol) for "fp32" parity; FP16/INT8 are judged by `evaluate`.
+- `load_eval_data(info, imgsz, source, n, rng)` -> EvalData: held-out inputs (+ targets when the source has
+                                     labels). source is a directory or "synthetic".
+- `evaluate(run_fn, eval_data, reference_fn=None)` -> dict[str, float]: the task metric for one artifact
+                                     (`run_fn(x: (B,3,H,W) float32) -> list[np.ndarray]` in output_names order),
+                                     and, when `reference_fn` (the FP32 artifact) is given, agreement with it.
+                                     Classify: {"top1": .., "agreement": ..}; keys are the task's choice.
+                                     "agreement" in [0, 1] is what FP16/INT8 reports compare.
+- `fp16_op_block_list(options)`      ONNX op types kept in FP32 in the FP16 model.
+- `int8_exclusions(onnx_model, options)` -> list[(node_name, reason)]: nodes kept out of INT8 (e.g. the final
+                                     Sigmoid/decode of a detector); the pipeline adds the generic ones.
+- `sidecar_postprocess(options)`     the task's `postprocess` dict for the artifact sidecar (ArtifactMeta).
+
+Write a new task as `edgedeploy/export/tasks/<task>.py` subclassing TaskAdapter and calling
+`register_task("<task>", YourAdapter)` at import; `get_task_adapter("<task>")` imports it lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from edgedeploy.errors import ExportError
+from edgedeploy.export.options import ExportOptions
+from edgedeploy.export.parity import OutputParity, ParityResult, compare_outputs
+
+if TYPE_CHECKING:  # keep torch/onnx out of import time
+    import onnx
+    import torch.nn as nn
+
+    from edgedeploy.models.registry import ModelInfo
+
+RunFn = Callable[[np.ndarray], list[np.ndarray]]
+
+# Op types whose FP16 versions overflow or lose too much (LayerNorm variance, softmax exponent, reductions).
+DEFAULT_FP16_BLOCK_LIST = (
+    "LayerNormalization",
+    "Softmax",
+    "LogSoftmax",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceL2",
+    "ReduceLogSumExp",
+    "Pow",
+    "Sqrt",
+    "Exp",
+    "Erf",
+    "TopK",
+    "NonMaxSuppression",
+    "RoiAlign",
+    "Resize",
+    "Range",
+)
+
+
+@dataclass
+class EvalData:
+    """Held-out inputs for FP16/INT8 accuracy; `targets` is None when the source has no labels."""
+
+    inputs: list[np.ndarray]  # each (1, 3, H, W) float32
+    targets: list[Any] | None = None
+    source: str = "synthetic"
+    skipped: int = 0  # unreadable images skipped
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class TaskAdapter:
+    """Base class; see the module docstring for the contract. Subclasses set `task` and `output_names`."""
+
+    task: str = ""
+
+    # --- graph ---------------------------------------------------------------------------------------------
+    def wrap_for_export(self, model: "nn.Module", options: ExportOptions) -> "nn.Module":
+        return model
+
+    def input_names(self, options: ExportOptions) -> list[str]:
+        return ["images"]
+
+    def output_names(self, options: ExportOptions) -> list[str]:
+        raise NotImplementedError
+
+    def dynamic_axes(self, options: ExportOptions) -> dict[str, dict[int, str]]:
+        if not options.dynamic_batch:
+            return {}
+        return {n: {0: "batch"} for n in self.input_names(options) + self.output_names(options)}
+
+    # --- data ----------------------------------------------------------------------------------------------
+    def synthetic_images(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """Drawn shapes on textured backgrounds (uint8 BGR); tasks override with images that fire their head."""
+        import cv2
+
+        images = []
+        for _ in range(n):
+            img = rng.integers(0, 256, (imgsz // 8 + 1, imgsz // 8 + 1, 3), dtype=np.uint8)
+            img = cv2.resize(img, (imgsz, imgsz), interpolation=cv2.INTER_CUBIC)
+            for _ in range(int(rng.integers(1, 4))):
+                color = tuple(int(c) for c in rng.integers(0, 256, 3))
+                x0, y0 = (int(v) for v in rng.integers(0, imgsz * 3 // 4, 2))
+                w, h = (int(v) for v in rng.integers(imgsz // 8, imgsz // 2, 2))
+                if rng.random() < 0.5:
+                    cv2.rectangle(img, (x0, y0), (x0 + w, y0 + h), color, -1)
+                else:
+                    cv2.circle(img, (x0 + w // 2, y0 + h // 2), max(w, h) // 2, color, -1)
+            images.append(img)
+        return images
+
+    def preprocess(self, img_bgr: np.ndarray, info: "ModelInfo", imgsz: int) -> np.ndarray:
+        from edgedeploy.data.preprocess import to_input_tensor
+
+        x, _, _ = to_input_tensor(img_bgr, imgsz, info.mean, info.std, letterboxed=info.letterbox)
+        return x
+
+    def sample_inputs(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        images = [self.preprocess(img, info, imgsz) for img in self.synthetic_images(info, imgsz, max(n - 1, 1), rng)]
+        images.append(rng.standard_normal((1, 3, imgsz, imgsz)).astype(np.float32))
+        return images
+
+    def load_eval_data(
+        self, info: "ModelInfo", imgsz: int, source: str, n: int, rng: np.random.Generator
+    ) -> EvalData:
+        """Default: unlabeled images (a directory, or synthetic); `evaluate` then reports agreement only."""
+        if source == "synthetic":
+            imgs = self.synthetic_images(info, imgsz, n, rng)
+            return EvalData([self.preprocess(i, info, imgsz) for i in imgs], None, "synthetic")
+        from edgedeploy.export.calibration import read_image_dir
+
+        images, skipped = read_image_dir(source, n)
+        return EvalData([self.preprocess(i, info, imgsz) for i in images], None, source, skipped)
+
+    # --- judging -------------------------------------------------------------------------------------------
+    def parity_tolerance(self, precision: str = "fp32") -> tuple[float, float]:
+        return (1e-3, 1e-4)
+
+    def compare(
+        self,
+        names: Sequence[str],
+        torch_outs: Sequence[np.ndarray],
+        onnx_outs: Sequence[np.ndarray],
+        rtol: float,
+        atol: float,
+    ) -> ParityResult:
+        return compare_outputs(names, torch_outs, onnx_outs, rtol, atol)
+
+    def evaluate(self, run_fn: RunFn, eval_data: EvalData, reference_fn: RunFn | None = None) -> dict[str, float]:
+        """Default: cosine similarity of all outputs against the reference (tasks should override)."""
+        if reference_fn is None:
+            return {}
+        cos = []
+        for x in eval_data.inputs:
+            for a, b in zip(run_fn(x), reference_fn(x)):
+                a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+                d = np.linalg.norm(a) * np.linalg.norm(b)
+                cos.append(float(a @ b / d) if d else 1.0)
+        return {"agreement": float(np.mean(cos)) if cos else 1.0}
+
+    # --- precision -----------------------------------------------------------------------------------------
+    def fp16_op_block_list(self, options: ExportOptions) -> list[str]:
+        return list(DEFAULT_FP16_BLOCK_LIST)
+
+    def int8_exclusions(self, onnx_model: "onnx.ModelProto", options: ExportOptions) -> list[tuple[str, str]]:
+        return []
+
+    # --- artifact metadata ---------------------------------------------------------------------------------
+    def sidecar_postprocess(self, options: ExportOptions) -> dict[str, Any]:
+        return {}
+
+
+_TASKS: dict[str, type[TaskAdapter]] = {}
+
+
+def register_task(task: str, adapter: type[TaskAdapter]) -> type[TaskAdapter]:
+    _TASKS[task] = adapter
+    return adapter
+
+
+def get_task_adapter(task: str) -> TaskAdapter:
+    """The adapter for `task`, importing edgedeploy.export.tasks.<task> on first use."""
+    if task not in _TASKS:
+        try:
+            importlib.import_module(f"edgedeploy.export.tasks.{task}")
+        except ModuleNotFoundError as e:
+            if e.name != f"edgedeploy.export.tasks.{task}":
+                raise
+        if task not in _TASKS:
+            raise ExportError(
+                f"no export adapter for task {task!r} (expected edgedeploy/export/tasks/{task}.py calling "
+                f"register_task({task!r}, ...))"
+            )
+    return _TASKS[task]()
+
+
+__all__ = [
+    "DEFAULT_FP16_BLOCK_LIST",
+    "EvalData",
+    "OutputParity",
+    "ParityResult",
+    "RunFn",
+    "TaskAdapter",
+    "get_task_adapter",
+    "register_task",
+]

@@ -1,0 +1,87 @@
+"""MobileNetV1 (Howard et al. 2017, "MobileNets"): a 3x3 stem then 13 depthwise-separable blocks.
+
+The width multiplier scales every layer's channels. Published MACs are the paper's Table 6 at 224x224; the
+paper rounds parameters to 0.1M, so parameters come from the TF-slim model zoo table, which gives two decimals
+(its 1001-class head adds ~1k parameters, well inside the 1% check).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torchvision.ops import Conv2dNormActivation
+
+from edgedeploy.models.registry import register_model
+
+# (output channels, stride) of each depthwise-separable block at width 1.0 (paper Table 1).
+_BLOCKS: tuple[tuple[int, int], ...] = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1),
+    (1024, 2), (1024, 1),
+)  # fmt: skip
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """3x3 depthwise conv + BN + ReLU, then 1x1 pointwise conv + BN + ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__(
+            Conv2dNormActivation(in_ch, in_ch, 3, stride=stride, groups=in_ch, activation_layer=nn.ReLU),
+            Conv2dNormActivation(in_ch, out_ch, 1, activation_layer=nn.ReLU),
+        )
+
+
+class MobileNetV1(nn.Module):
+    def __init__(self, width: float = 1.0, num_classes: int = 1000, dropout: float = 0.0):
+        super().__init__()
+        ch = int(32 * width)
+        layers: list[nn.Module] = [Conv2dNormActivation(3, ch, 3, stride=2, activation_layer=nn.ReLU)]
+        for out, stride in _BLOCKS:
+            out = int(out * width)
+            layers.append(DepthwiseSeparable(ch, out, stride))
+            ch = out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = ch
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(ch, num_classes))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)
+        return self.classifier(x)
+
+
+_SOURCE = (
+    "MACs: Howard et al. 2017 (arXiv:1704.04861) Table 6; params: tensorflow/models research/slim/nets/mobilenet_v1.md"
+)
+
+
+def _register(width: float, params: float, macs: float, aliases: tuple[str, ...] = ()) -> None:
+    name = f"mobilenetv1_{round(width * 100):03d}"
+
+    def build(num_classes: int = 1000, **kwargs) -> nn.Module:
+        return MobileNetV1(width=width, num_classes=num_classes, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = f"MobileNetV1 width {width} at 224x224."
+    register_model(
+        name, task="classify", family="mobilenetv1", imgsz=224, aliases=aliases,
+        published_params=params, published_macs=macs, source=_SOURCE,
+    )(build)  # fmt: skip
+
+
+_register(1.0, 4.24e6, 569e6, aliases=("mobilenetv1",))
+_register(0.75, 2.59e6, 325e6)
+_register(0.5, 1.34e6, 149e6)
+_register(0.25, 0.47e6, 41e6)

@@ -1,0 +1,138 @@
+"""ShuffleNetV1 (Zhang et al. 2018): pointwise group convolutions with a channel shuffle between them.
+
+Follows the paper and Megvii's reference implementation (megvii-model/ShuffleNet-Series):
+- bottleneck channels are a quarter of the unit's output channels;
+- the first pointwise conv of the first unit is not grouped (its input has only 24 channels);
+- a stride-2 unit concatenates a 3x3 average-pooled shortcut with the main branch, so the branch produces
+  `out - in` channels; stride-1 units add the identity.
+Channel shuffle is a reshape/transpose/reshape, which exports to plain ONNX Reshape/Transpose.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgedeploy.models.registry import register_model
+
+STAGE_REPEATS = (4, 8, 4)
+
+# (stem channels, stage2, stage3, stage4 output channels) per (groups, width); Megvii's reference values.
+STAGE_CHANNELS: dict[tuple[int, str], tuple[int, int, int, int]] = {
+    (3, "0.5"): (12, 120, 240, 480),
+    (3, "1.0"): (24, 240, 480, 960),
+    (3, "1.5"): (24, 360, 720, 1440),
+    (3, "2.0"): (48, 480, 960, 1920),
+    (8, "0.5"): (16, 192, 384, 768),
+    (8, "1.0"): (24, 384, 768, 1536),
+    (8, "1.5"): (24, 576, 1152, 2304),
+    (8, "2.0"): (48, 768, 1536, 3072),
+}
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, groups: int, stride: int, group_first_conv: bool = True):
+        super().__init__()
+        self.stride = stride
+        self.groups = groups
+        mid = out_ch // 4
+        branch_out = out_ch - in_ch if stride == 2 else out_ch
+        self.reduce = nn.Sequential(
+            nn.Conv2d(in_ch, mid, 1, groups=groups if group_first_conv else 1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+        )
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False),
+            nn.BatchNorm2d(mid),
+        )
+        self.expand = nn.Sequential(
+            nn.Conv2d(mid, branch_out, 1, groups=groups, bias=False), nn.BatchNorm2d(branch_out)
+        )
+        self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.reduce(x)
+        y = channel_shuffle(y, self.groups)
+        y = self.expand(self.depthwise(y))
+        if self.stride == 2:
+            return torch.cat((self.shortcut(x), F.relu(y)), dim=1)
+        return F.relu(x + y)
+
+
+class ShuffleNetV1(nn.Module):
+    def __init__(self, groups: int = 3, width: str = "1.0", num_classes: int = 1000):
+        super().__init__()
+        stem, *stages = STAGE_CHANNELS[(groups, width)]
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(stem),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+        units: list[nn.Module] = []
+        ch = stem
+        for stage_idx, (repeats, out) in enumerate(zip(STAGE_REPEATS, stages, strict=True)):
+            for i in range(repeats):
+                first = i == 0
+                units.append(
+                    ShuffleUnit(
+                        ch, out, groups, stride=2 if first else 1, group_first_conv=not (first and stage_idx == 0)
+                    )
+                )
+                ch = out
+        self.features = nn.Sequential(*units)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = ch
+        self.classifier = nn.Linear(ch, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(self.stem(x))).flatten(1)
+        return self.classifier(x)
+
+
+# FLOPs in the paper (arXiv:1707.01083, Table 2) and Megvii's README are multiply-adds. The README gives
+# parameters only to 0.1M, so the check allows half of that rounding step (`params_precision`).
+_SOURCE = "megvii-model/ShuffleNet-Series ShuffleNetV1/README.md (FLOPs = MACs, as in arXiv:1707.01083 Table 2)"
+
+
+def _register(groups: int, width: str, params: float, macs: float, aliases: tuple[str, ...] = ()) -> None:
+    name = f"shufflenetv1_g{groups}_x{width.replace('.', '_')}"
+
+    def build(num_classes: int = 1000, **kwargs) -> nn.Module:
+        return ShuffleNetV1(groups=groups, width=width, num_classes=num_classes, **kwargs)
+
+    build.__name__ = name
+    build.__doc__ = f"ShuffleNetV1 {width}x, {groups} groups, at 224x224."
+    register_model(
+        name, task="classify", family="shufflenetv1", imgsz=224, aliases=aliases,
+        published_params=params, published_macs=macs, source=_SOURCE, extra={"params_precision": 0.1e6},
+    )(build)  # fmt: skip
+
+
+_register(3, "0.5", 0.7e6, 38e6)
+_register(3, "1.0", 1.9e6, 138e6, aliases=("shufflenetv1",))
+_register(3, "1.5", 3.4e6, 292e6)
+_register(3, "2.0", 5.4e6, 524e6)
+_register(8, "0.5", 1.0e6, 40e6)
+_register(8, "1.0", 2.4e6, 138e6)
+_register(8, "1.5", 4.3e6, 290e6)
+_register(8, "2.0", 6.5e6, 522e6)

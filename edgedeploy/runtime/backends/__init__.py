@@ -1,0 +1,1 @@
+"""Engine backends: TensorRT (`tensorrt`), ONNX Runtime (`onnxruntime`), PyTorch eager (`torch`)."""

@@ -1,0 +1,184 @@
+"""The `Engine` interface every backend implements, and `load_engine` which picks the backend from the path.
+
+An engine takes named NCHW arrays and returns named arrays. It validates its inputs against the artifact's
+IO specs (rank, static dims, channel count, dtype) so a wrong input is a clear `InputError` rather than a
+crash or, worse, a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from edgedeploy.errors import EdgeDeployError, InputError
+
+# Dynamic dimensions are stored as -1 (TensorRT's convention); ONNX symbolic names map to -1 too.
+DYNAMIC = -1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # -1 for a dynamic dimension
+    dtype: np.dtype
+
+    @property
+    def is_dynamic(self) -> bool:
+        return any(d == DYNAMIC for d in self.shape)
+
+    def describe(self) -> str:
+        dims = "x".join("?" if d == DYNAMIC else str(d) for d in self.shape)
+        return f"{self.name} [{dims}] {np.dtype(self.dtype).name}"
+
+
+@dataclass
+class Timing:
+    """Per-call split in milliseconds. Fields a backend cannot measure stay None (trtexec prints them only
+    when it can measure them, and so do we)."""
+
+    enqueue_ms: float | None = None
+    h2d_ms: float | None = None
+    compute_ms: float | None = None
+    d2h_ms: float | None = None
+    latency_ms: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """A loaded model ready to run. Use as a context manager, or call `close()` when done."""
+
+    backend: str = "abstract"
+    device: str = "cpu"
+
+    def __init__(self) -> None:
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self.last_timing = Timing()
+        self.max_batch: int | None = None  # None: unknown/unbounded dynamic batch
+
+    # ---- public API -------------------------------------------------------------------------------------
+    def infer(self, feed: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch. `feed` is an array (single-input models) or {input name: array}."""
+        return self._infer(self.validate(feed))
+
+    @abc.abstractmethod
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None:
+        """Release backend resources. Safe to call twice."""
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        ins = ", ".join(s.describe() for s in self.inputs)
+        outs = ", ".join(s.describe() for s in self.outputs)
+        return f"<{type(self).__name__} {self.backend}/{self.device} in: {ins} out: {outs}>"
+
+    @property
+    def input(self) -> TensorSpec:
+        return self.inputs[0]
+
+    # ---- validation ---------------------------------------------------------------------------------------
+    def validate(self, feed: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not isinstance(feed, Mapping):
+            if len(self.inputs) != 1:
+                names = ", ".join(s.name for s in self.inputs)
+                raise InputError(f"this model has {len(self.inputs)} inputs ({names}); pass a dict {{name: array}}")
+            feed = {self.inputs[0].name: feed}
+        expected = {s.name for s in self.inputs}
+        missing, unknown = expected - set(feed), set(feed) - expected
+        if missing or unknown:
+            raise InputError(
+                f"input names do not match the model: missing {sorted(missing)}, unknown {sorted(unknown)}; "
+                f"the model takes {', '.join(s.describe() for s in self.inputs)}"
+            )
+        out: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            out[spec.name] = check_input(np.asarray(feed[spec.name]), spec, self.max_batch)
+        return out
+
+
+def check_input(x: np.ndarray, spec: TensorSpec, max_batch: int | None = None) -> np.ndarray:
+    """Raise `InputError` naming the problem and the expected layout; return a C-contiguous array."""
+    if x.dtype != spec.dtype:
+        hint = ""
+        if x.dtype == np.uint8:
+            hint = " (this looks like a raw image: use a pipeline (Classifier/Detector/Segmenter) to preprocess it)"
+        raise InputError(
+            f"input {spec.name!r} has dtype {x.dtype}, the model expects {np.dtype(spec.dtype).name}{hint}; "
+            f"convert with `x.astype(np.{np.dtype(spec.dtype).name})`"
+        )
+    if x.ndim != len(spec.shape):
+        raise InputError(
+            f"input {spec.name!r} has shape {tuple(x.shape)} (rank {x.ndim}), the model expects {spec.describe()}"
+        )
+    for axis, (got, want) in enumerate(zip(x.shape, spec.shape)):
+        if want != DYNAMIC and got != want:
+            what = {0: "batch size", 1: "channel count"}.get(axis, f"dimension {axis}")
+            if len(spec.shape) == 4 and axis >= 2:
+                what = "height" if axis == 2 else "width"
+            raise InputError(
+                f"input {spec.name!r}: {what} is {got}, the model expects {want} (full layout {spec.describe()}, "
+                f"got {tuple(x.shape)})"
+            )
+    if max_batch is not None and x.shape[0] > max_batch:
+        raise InputError(f"batch of {x.shape[0]} exceeds this engine's maximum batch {max_batch}; split the batch")
+    return np.ascontiguousarray(x)
+
+
+def engine_kind(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".engine", ".plan", ".trt"):
+        return "tensorrt"
+    if suffix == ".onnx":
+        return "onnxruntime"
+    if suffix in (".pt", ".pth", ".ckpt"):
+        return "torch"
+    raise EdgeDeployError(
+        f"cannot tell the backend from {Path(path).name!r}: expected .engine/.plan (TensorRT), .onnx (ONNX Runtime) "
+        "or .pt/.pth (PyTorch checkpoint, with --model NAME)"
+    )
+
+
+def load_engine(
+    path: str | os.PathLike,
+    *,
+    backend: str | None = None,
+    device: str | None = None,
+    model: str | None = None,
+    providers: Sequence[str] | None = None,
+    cuda_graph: bool = False,
+    num_classes: int | None = None,
+    imgsz: int | None = None,
+) -> Engine:
+    """Open an artifact with the backend its extension implies (or `backend`).
+
+    `.engine` -> TensorRT (sidecar checked first), `.onnx` -> ONNX Runtime, `.pt` -> PyTorch (registry model
+    `model`, or the sidecar's `model` field; `num_classes`/`imgsz` when no sidecar gives them).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise EdgeDeployError(f"{path} does not exist")
+    kind = backend or engine_kind(path)
+    if kind == "tensorrt":
+        from edgedeploy.runtime.backends.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(path, cuda_graph=cuda_graph)
+    if kind == "onnxruntime":
+        from edgedeploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(path, device=device, providers=providers)
+    if kind == "torch":
+        from edgedeploy.runtime.backends.torch import TorchEngine
+
+        return TorchEngine.from_checkpoint(path, model=model, device=device, num_classes=num_classes, imgsz=imgsz)
+    raise EdgeDeployError(f"unknown backend {kind!r}: choose tensorrt, onnxruntime or torch")

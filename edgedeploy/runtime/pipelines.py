@@ -1,0 +1,393 @@
+"""Task pipelines over any engine: frame(s) in (uint8 BGR, as OpenCV reads them), results out in the original
+frame's pixels.
+
+    det = Detector("yolox_s.fp16.engine")          # or .onnx, or Detector.from_model("yolox_s", weights=...)
+    dets = det(frame_bgr)                           # Detections(boxes [K,4] xyxy px, scores [K], classes [K])
+
+Preprocessing, normalisation and output layout come from the artifact's sidecar. On a TensorRT engine the
+frame is preprocessed by the NVRTC kernel straight into the engine's input buffer; elsewhere by the CPU
+reference in `edgedeploy.data.preprocess`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
+from edgedeploy.errors import EdgeDeployError, InputError
+from edgedeploy.runtime.engine import DYNAMIC, Engine, load_engine
+from edgedeploy.runtime.gpu_preprocess import letterbox_geometry
+
+
+# ---- results ----------------------------------------------------------------------------------------------------
+@dataclass
+class Detections:
+    boxes: np.ndarray  # [K, 4] float32 x1, y1, x2, y2 in original frame pixels
+    scores: np.ndarray  # [K] float32
+    classes: np.ndarray  # [K] int64
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def labels(self) -> list[str]:
+        return [self.names[c] if 0 <= c < len(self.names) else str(c) for c in self.classes.tolist()]
+
+
+@dataclass
+class Classification:
+    class_id: int
+    score: float
+    name: str
+    probs: np.ndarray  # [C] softmax probabilities
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray  # [H, W] int32 class per pixel at the original frame size
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Geometry:
+    h: int
+    w: int
+    scale: Any  # float (letterbox) or (sx, sy) (stretch)
+    pad: tuple[int, int]
+    new_hw: tuple[int, int]
+
+
+# ---- frame checks -------------------------------------------------------------------------------------------------
+def as_bgr(frame: Any) -> np.ndarray:
+    """Accept HxW gray, HxWx1, HxWx3 BGR or HxWx4 BGRA uint8; return HxWx3 BGR. Anything else: InputError."""
+    import cv2
+
+    frame = np.asarray(frame)
+    if frame.dtype != np.uint8:
+        raise InputError(
+            f"frame dtype is {frame.dtype}; pipelines take uint8 BGR frames as cv2.imread/VideoCapture return them "
+            "(for a float image in [0, 1] use `(img * 255).round().astype(np.uint8)`)"
+        )
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 2:
+        return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    if frame.ndim != 3 or frame.shape[2] not in (3, 4):
+        raise InputError(f"frame of shape {frame.shape}: expected HxW (gray), HxWx3 (BGR) or HxWx4 (BGRA)")
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise InputError(f"empty frame of shape {frame.shape}")
+    return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR) if frame.shape[2] == 4 else frame
+
+
+def _meta_from_model(model: Any, imgsz: int | None) -> ArtifactMeta:
+    info = getattr(model, "model_info", None)
+    if info is None:
+        raise EdgeDeployError("a bare nn.Module needs `meta=ArtifactMeta(...)` (task, input size, mean/std)")
+    size = imgsz or info.imgsz
+    meta = ArtifactMeta(model=info.name, task=info.task, input_shape=["batch", 3, size, size], mean=list(info.mean),
+                        std=list(info.std), letterbox=info.letterbox, builder="torch")
+    if info.task == "detect":
+        meta.postprocess = {"nms": "none", "max_det": 100}
+    return meta
+
+
+# ---- base -----------------------------------------------------------------------------------------------------------
+class _Pipeline:
+    task = ""
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Engine,
+        *,
+        meta: ArtifactMeta | None = None,
+        backend: str | None = None,
+        device: str | None = None,
+        model: str | None = None,
+        gpu_preprocess: bool | None = None,
+        cuda_graph: bool = False,
+        num_classes: int | None = None,
+        imgsz: int | None = None,
+    ) -> None:
+        if isinstance(source, Engine):
+            self.engine = source
+            path = getattr(source, "path", None)
+            meta = meta or (read_sidecar(path, required=False) if path else None)
+        else:
+            meta = meta or read_sidecar(source, required=not str(source).endswith((".pt", ".pth")))
+            self.engine = load_engine(source, backend=backend, device=device, model=model, cuda_graph=cuda_graph,
+                                      num_classes=num_classes, imgsz=imgsz)
+            if meta is None and self.engine.backend == "torch":
+                meta = _meta_from_model(self.engine.model, imgsz)  # type: ignore[attr-defined]
+        if meta is None:
+            raise EdgeDeployError("no sidecar for this engine: pass meta=ArtifactMeta(...) describing its input")
+        if self.task and meta.task and meta.task != self.task:
+            raise EdgeDeployError(
+                f"this artifact is a {meta.task!r} model; use {type(self).__name__} only for {self.task!r} models "
+                f"(or `load_pipeline` to pick the right one)"
+            )
+        self.meta = meta
+        shape = self.engine.input.shape
+        if len(shape) == 4 and shape[2] != DYNAMIC and shape[3] != DYNAMIC:
+            self.imgsz = (int(shape[2]), int(shape[3]))
+        else:
+            self.imgsz = (int(meta.input_shape[-2]), int(meta.input_shape[-1]))
+        self.names = list(meta.class_names)
+        self.input_dtype = self.engine.input.dtype
+        self.gpu_pre = None
+        if self.engine.backend == "tensorrt" and gpu_preprocess is not False:
+            from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
+
+            self.gpu_pre = GpuPreprocessor(self.imgsz, meta.mean, meta.std, letterbox=meta.letterbox,
+                                           fp16=self.input_dtype == np.float16,
+                                           stream=self.engine.stream)  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_model(cls, model: Any, *, weights: str | None = None, imgsz: int | None = None, num_classes: int | None = None,
+                   device: str | None = None, meta: ArtifactMeta | None = None, **kwargs: Any):
+        """PyTorch backend from a registry name (plus optional checkpoint) or an nn.Module with `model_info`."""
+        from edgedeploy.runtime.backends.torch import TorchEngine
+
+        if isinstance(model, str):
+            from edgedeploy.models.registry import create_model
+
+            model = create_model(model, num_classes=num_classes, weights=weights)
+        meta = meta or _meta_from_model(model, imgsz)
+        size = (int(meta.input_shape[-2]), int(meta.input_shape[-1]))
+        engine = TorchEngine(model, input_shape=(DYNAMIC, 3, *size), input_name=meta.input_name, device=device)
+        return cls(engine, meta=meta, **kwargs)
+
+    # ---- preprocessing ------------------------------------------------------------------------------------------
+    def _geometry(self, frame: np.ndarray) -> _Geometry:
+        h, w = frame.shape[:2]
+        scale, pad, new_hw = letterbox_geometry(h, w, *self.imgsz, self.meta.letterbox)
+        return _Geometry(h, w, scale, pad, new_hw)
+
+    def preprocess(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, list[_Geometry]]:
+        """CPU reference path: (B,3,H,W) array in the engine's input dtype, plus each frame's geometry."""
+        from edgedeploy.data.preprocess import to_input_tensor
+
+        batch, geoms = [], []
+        for f in frames:
+            x, _, _ = to_input_tensor(f, self.imgsz, self.meta.mean, self.meta.std, letterboxed=self.meta.letterbox,
+                                      dtype=self.input_dtype)
+            batch.append(x)
+            geoms.append(self._geometry(f))
+        return np.concatenate(batch, axis=0), geoms
+
+    # ---- execution --------------------------------------------------------------------------------------------
+    def _chunks(self, n: int) -> list[slice]:
+        step = self.engine.max_batch or n
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+    def forward(self, frames: Sequence[np.ndarray]) -> tuple[dict[str, Any], list[_Geometry]]:
+        """Run the engine on already-checked BGR frames; outputs may stay on the GPU (torch tensors)."""
+        if self.gpu_pre is not None:
+            return self._forward_gpu(frames)
+        x, geoms = self.preprocess(frames)
+        parts: list[dict[str, Any]] = []
+        for sl in self._chunks(len(frames)):
+            if self.engine.backend == "torch":
+                import torch
+
+                parts.append(self.engine.infer_torch(torch.from_numpy(x[sl])))  # type: ignore[attr-defined]
+            else:
+                parts.append(self.engine.infer(x[sl]))
+        return _concat(parts), geoms
+
+    def _forward_gpu(self, frames: Sequence[np.ndarray]) -> tuple[dict[str, Any], list[_Geometry]]:
+        eng: Any = self.engine
+        name = eng.input.name
+        geoms = [self._geometry(f) for f in frames]
+        parts = []
+        for sl in self._chunks(len(frames)):
+            chunk = frames[sl]
+            eng.set_input_shapes({name: (len(chunk), 3, *self.imgsz)})
+            for i, f in enumerate(chunk):
+                self.gpu_pre(f, eng.device_buffers[name].ptr, i)
+            eng.execute()
+            parts.append(self._collect_trt(eng))
+        return _concat(parts), geoms
+
+    def _collect_trt(self, eng: Any) -> dict[str, Any]:
+        """Outputs of a TensorRT run. Candidate boxes/scores for runtime NMS stay on the GPU as torch tensors
+        (zero-copy views, cloned because the next chunk reuses the buffers); everything else comes to the host."""
+        if self.task == "detect" and self.meta.postprocess.get("nms", "none") == "none" and _torch_cuda():
+            import torch
+
+            eng.stream.synchronize()  # torch works on its own stream: the engine's results must be complete
+            return {k: torch.as_tensor(v, device="cuda").clone() for k, v in eng.device_outputs().items()}
+        return eng.fetch_outputs()
+
+    def __call__(self, frame: np.ndarray):
+        return self.predict_batch([frame])[0]
+
+    def predict_batch(self, frames: Sequence[np.ndarray]) -> list[Any]:
+        if len(frames) == 0:
+            return []
+        frames = [self._check_frame(f) for f in frames]
+        outs, geoms = self.forward(frames)
+        return self.postprocess(outs, geoms)
+
+    def _check_frame(self, frame: Any) -> Any:
+        if hasattr(frame, "__cuda_array_interface__"):
+            if self.gpu_pre is None:
+                raise InputError("a frame on the GPU needs a TensorRT engine with GPU preprocessing; for this "
+                                 f"{self.engine.backend} pipeline pass a host array (e.g. `frame.cpu().numpy()`)")
+            return frame  # read in place by the kernel, which also handles gray/BGRA and checks the dtype
+        return as_bgr(frame)
+
+    def postprocess(self, outs: dict[str, Any], geoms: list[_Geometry]) -> list[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.gpu_pre is not None:
+            self.gpu_pre.close()
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for k in parts[0]:
+        vals = [p[k] for p in parts]
+        if isinstance(vals[0], np.ndarray):
+            out[k] = np.concatenate(vals, axis=0)
+        else:
+            import torch
+
+            out[k] = torch.cat(vals, dim=0)
+    return out
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+
+
+def _pick(outs: dict[str, Any], names: Sequence[str], index: int) -> Any:
+    for n in names:
+        if n in outs:
+            return outs[n]
+    return list(outs.values())[index]
+
+
+# ---- tasks ----------------------------------------------------------------------------------------------------------
+class Classifier(_Pipeline):
+    task = "classify"
+
+    def postprocess(self, outs: dict[str, Any], geoms: list[_Geometry]) -> list[Classification]:
+        logits = _to_numpy(_pick(outs, ("logits", "output", "output0"), 0)).astype(np.float64)
+        logits = logits.reshape(logits.shape[0], -1)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+        results = []
+        for p in probs:
+            k = int(p.argmax())
+            results.append(Classification(k, float(p[k]), self.names[k] if k < len(self.names) else str(k), p))
+        return results
+
+
+class Detector(_Pipeline):
+    task = "detect"
+
+    def __init__(self, source: Any, *, conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int | None = None,
+                 agnostic: bool = False, **kwargs: Any) -> None:
+        super().__init__(source, **kwargs)
+        self.conf_thres, self.iou_thres, self.agnostic = conf_thres, iou_thres, agnostic
+        self.max_det = max_det or int(self.meta.postprocess.get("max_det", 100))
+
+    def postprocess(self, outs: dict[str, Any], geoms: list[_Geometry]) -> list[Detections]:
+        rows_per_image = self._final_rows(outs)
+        return [self._to_frame(rows, g) for rows, g in zip(rows_per_image, geoms)]
+
+    def _final_rows(self, outs: dict[str, Any]) -> list[np.ndarray]:
+        """Per image an array [K, 6] (x1, y1, x2, y2, score, class) in input-tensor pixels."""
+        if "num_dets" in outs or len(outs) == 4:  # NMS inside the engine: fixed-size padded outputs
+            num = _to_numpy(_pick(outs, ("num_dets", "num_detections"), 0)).reshape(-1)
+            boxes = _to_numpy(_pick(outs, ("boxes", "det_boxes", "detection_boxes"), 1))
+            scores = _to_numpy(_pick(outs, ("scores", "det_scores", "detection_scores"), 2))
+            classes = _to_numpy(_pick(outs, ("classes", "det_classes", "detection_classes"), 3))
+            rows = []
+            for i, n in enumerate(num.tolist()):
+                n = min(int(n), self.max_det)
+                keep = scores[i, :n] > self.conf_thres
+                rows.append(np.concatenate([boxes[i, :n][keep], scores[i, :n][keep, None],
+                                            classes[i, :n][keep, None].astype(np.float32)], axis=1))
+            return rows
+        from edgedeploy.runtime.nms import batched_detections
+
+        boxes = _pick(outs, ("boxes",), 0)
+        scores = _pick(outs, ("scores",), 1)
+        dets = batched_detections(boxes, scores, conf_thres=self.conf_thres, iou_thres=self.iou_thres,
+                                  max_det=self.max_det, agnostic=self.agnostic)
+        return [_to_numpy(d) for d in dets]  # only the final detections leave the device
+
+    def _to_frame(self, rows: np.ndarray, g: _Geometry) -> Detections:
+        boxes = rows[:, :4].astype(np.float32).copy()
+        sx, sy = (g.scale, g.scale) if np.isscalar(g.scale) else g.scale
+        boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - g.pad[0]) / sx).clip(0, g.w)
+        boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - g.pad[1]) / sy).clip(0, g.h)
+        return Detections(boxes, rows[:, 4].astype(np.float32), rows[:, 5].astype(np.int64), self.names)
+
+
+class Segmenter(_Pipeline):
+    task = "segment"
+
+    def postprocess(self, outs: dict[str, Any], geoms: list[_Geometry]) -> list[Segmentation]:
+        import cv2
+
+        out = _pick(outs, ("logits", "mask", "output", "output0"), 0)
+        if out.ndim == 4:  # logits [B,C,h,w] -> labels [B,h,w], on the GPU when the logits are there
+            out = out.argmax(axis=1) if isinstance(out, np.ndarray) else out.argmax(dim=1)
+        labels = _to_numpy(out)
+        results = []
+        for lab, g in zip(labels.astype(np.int32), geoms):
+            if lab.shape != self.imgsz:  # not upsampled in the graph: bring to the input size first
+                lab = cv2.resize(lab, (self.imgsz[1], self.imgsz[0]), interpolation=cv2.INTER_NEAREST)
+            (px, py), (nh, nw) = g.pad, g.new_hw
+            lab = lab[py : py + nh, px : px + nw]
+            mask = cv2.resize(lab, (g.w, g.h), interpolation=cv2.INTER_NEAREST)
+            results.append(Segmentation(mask.astype(np.int32), self.names))
+        return results
+
+
+_TASKS = {"classify": Classifier, "detect": Detector, "segment": Segmenter}
+
+
+def load_pipeline(source: str | os.PathLike, *, model: str | None = None, **kwargs: Any) -> _Pipeline:
+    """Pick Classifier/Detector/Segmenter from the sidecar's task (or the registry model's task)."""
+    meta = read_sidecar(source, required=False)
+    task = meta.task if meta else None
+    if task is None and model:
+        from edgedeploy.models.registry import get_model_info
+
+        task = get_model_info(model).task
+    if task not in _TASKS:
+        raise EdgeDeployError(f"cannot tell the task of {Path(source).name}: no sidecar and no --model NAME")
+    cls = _TASKS[task]
+    det_keys = ("conf_thres", "iou_thres", "max_det", "agnostic")
+    if cls is not Detector:
+        kwargs = {k: v for k, v in kwargs.items() if k not in det_keys}
+    return cls(source, model=model, **kwargs)

@@ -1,0 +1,1 @@
+"""Training: shared infrastructure (`common`) and one trainer per task (`classify`, `detect`, `segment`)."""

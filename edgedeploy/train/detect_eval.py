@@ -1,0 +1,418 @@
+"""COCO-style detection evaluation through pycocotools, shared by checkpoints, ONNX files and engines.
+
+`evaluate_detector(predict_fn, dataset, imgsz)` letterboxes every image exactly as deployment does, asks
+`predict_fn` for detections in network-input pixels, maps them back to original-image pixels with the
+letterbox scale and padding, and scores them against the dataset's ground truth (a COCO object built in
+memory, also for YOLO-txt datasets). Only `predict_fn` differs between backends:
+
+    predict_fn(x: np.ndarray [B, 3, S, S] float32) -> sequence of B arrays/tensors [K, 6] (x1, y1, x2, y2, score, cls)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from edgedeploy.data.yolo_format import DetectionDataset
+from edgedeploy.errors import EdgeDeployError
+
+PredictFn = Callable[[np.ndarray], Sequence[Any]]
+
+# The 12 numbers COCOeval.summarize() prints, in order.
+COCO_STAT_NAMES = (
+    "AP@[.5:.95]", "AP@.5", "AP@.75", "AP_small", "AP_medium", "AP_large",
+    "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large",
+)  # fmt: skip
+
+# Thresholds for mAP evaluation: keep nearly everything (low-score detections still raise recall).
+EVAL_CONF = 0.001
+EVAL_IOU = 0.65
+EVAL_MAX_DET = 300
+
+
+@dataclass
+class DetectionMetrics:
+    map: float  # AP@[.5:.95], area all, maxDets 100
+    map50: float
+    map75: float
+    stats: list[float]  # the 12 COCO numbers, COCO_STAT_NAMES order
+    per_class_ap: dict[str, float]  # AP@[.5:.95] per class (nan: class absent from the ground truth)
+    per_class_ap50: dict[str, float]
+    summary: str  # COCOeval's 12-line printout
+    num_images: int
+    num_detections: int
+    seconds: float
+    pr_curve: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stats"] = dict(zip(COCO_STAT_NAMES, self.stats))
+        return d
+
+    def class_table(self) -> str:
+        width = max([5] + [len(n) for n in self.per_class_ap])
+        lines = [f"{'class':<{width}}  {'AP50':>6}  {'AP50-95':>7}"]
+        for name, ap in self.per_class_ap.items():
+            lines.append(f"{name:<{width}}  {_fmt(self.per_class_ap50[name]):>6}  {_fmt(ap):>7}")
+        lines.append(f"{'all':<{width}}  {_fmt(self.map50):>6}  {_fmt(self.map):>7}")
+        return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:.3f}"
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_detector(
+    predict_fn: PredictFn,
+    dataset: DetectionDataset,
+    imgsz: int,
+    *,
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+    batch_size: int = 8,
+    num_workers: int = 0,
+    out_dir: str | os.PathLike | None = None,
+    verbose: bool = True,
+    desc: str = "eval",
+    progress: bool = True,
+) -> DetectionMetrics:
+    """Run `predict_fn` over `dataset` and score it with pycocotools. Writes pr_curve.png into `out_dir`."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from edgedeploy.data.detect_augment import LetterboxEvalSet
+
+    loader = DataLoader(LetterboxEvalSet(dataset, imgsz, mean, std), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    results: list[dict] = []
+    start = time.perf_counter()
+    for x, indices, scales, pad_x, pad_y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        detections = predict_fn(np.ascontiguousarray(x.numpy()))
+        if len(detections) != len(indices):
+            raise EdgeDeployError(f"predict_fn returned {len(detections)} results for a batch of {len(indices)} images")
+        for det, i, s, px, py in zip(detections, indices.tolist(), scales.tolist(), pad_x.tolist(), pad_y.tolist()):
+            det = det.detach().float().cpu().numpy() if isinstance(det, torch.Tensor) else np.asarray(det, np.float32)
+            results += detections_to_coco(det.reshape(-1, 6), dataset[i], s, (px, py))
+    seconds = time.perf_counter() - start
+    metrics = score_detections(dataset, results, out_dir=out_dir, verbose=verbose)
+    metrics.seconds = seconds
+    return metrics
+
+
+def detections_to_coco(det: np.ndarray, record, scale: float, pad: tuple[float, float]) -> list[dict]:
+    """[K, 6] detections in letterboxed-input pixels -> COCO result dicts in original-image pixels."""
+    if len(det) == 0:
+        return []
+    boxes = (det[:, :4] - np.array([pad[0], pad[1], pad[0], pad[1]], np.float32)) / scale
+    boxes = boxes.clip(0, [record.width, record.height, record.width, record.height])
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+    return [
+        {"image_id": record.image_id, "category_id": int(c), "bbox": [round(float(v), 3) for v in b], "score": float(s)}
+        for b, s, c in zip(xywh, det[:, 4], det[:, 5])
+    ]
+
+
+def score_detections(
+    dataset: DetectionDataset, results: list[dict], out_dir: str | os.PathLike | None = None, verbose: bool = True
+) -> DetectionMetrics:
+    """COCOeval over COCO-format `results`; per-class AP and the PR curve from its precision array."""
+    from pycocotools.cocoeval import COCOeval
+
+    from edgedeploy.data.coco import build_coco_gt
+
+    gt = build_coco_gt(dataset)
+    names = list(dataset.names)
+    valid = {i: None for i in range(len(names))}
+    bad = {r["category_id"] for r in results if r["category_id"] not in valid}
+    if bad:
+        raise EdgeDeployError(
+            f"detections use class ids {sorted(bad)[:10]} but the dataset has {len(names)} classes: is this model "
+            "trained for another dataset? (check --num-classes / the checkpoint's class names)"
+        )
+    if not results:  # pycocotools cannot load an empty result list; nothing detected means zero everywhere
+        nan_or_zero = {n: (0.0 if _has_gt(dataset, i) else float("nan")) for i, n in enumerate(names)}
+        summary = coco_summary_text([0.0] * 12) + "\n (no detections above the confidence threshold)"
+        if verbose:
+            print(summary)
+        metrics = DetectionMetrics(0.0, 0.0, 0.0, [0.0] * 12, nan_or_zero, dict(nan_or_zero), summary, len(dataset), 0, 0.0)
+        if out_dir is not None:  # still write the plot, so a run folder always has the same files
+            metrics.pr_curve = str(plot_pr_curve(None, names, Path(out_dir) / "pr_curve.png"))
+        return metrics
+
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds = [r.image_id for r in dataset.records]
+        ev.evaluate()
+        ev.accumulate()
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        ev.summarize()  # the 12-line table users know from every detection repo
+    summary = text.getvalue().rstrip()
+    if verbose:
+        print(summary)
+
+    precision = ev.eval["precision"]  # [T iou thresholds, R recall points, K classes, A areas, M maxDets]
+    per_ap, per_ap50 = {}, {}
+    for k, cat in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        per_ap[names[cat]] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+        p50 = precision[0, :, k, 0, -1]
+        per_ap50[names[cat]] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else float("nan")
+    stats = [float(s) for s in ev.stats]
+    metrics = DetectionMetrics(
+        map=max(stats[0], 0.0), map50=max(stats[1], 0.0), map75=max(stats[2], 0.0), stats=stats,
+        per_class_ap=per_ap, per_class_ap50=per_ap50, summary=summary,
+        num_images=len(dataset), num_detections=len(results), seconds=0.0,
+    )  # fmt: skip
+    if out_dir is not None:
+        metrics.pr_curve = str(plot_pr_curve(ev, names, Path(out_dir) / "pr_curve.png"))
+    return metrics
+
+
+def coco_summary_text(stats: Sequence[float]) -> str:
+    """The 12 lines COCOeval.summarize() prints, for given stats (used when there is nothing to evaluate)."""
+    rows = [(1, "0.50:0.95", "all", 100), (1, "0.50", "all", 100), (1, "0.75", "all", 100),
+            (1, "0.50:0.95", "small", 100), (1, "0.50:0.95", "medium", 100), (1, "0.50:0.95", "large", 100),
+            (0, "0.50:0.95", "all", 1), (0, "0.50:0.95", "all", 10), (0, "0.50:0.95", "all", 100),
+            (0, "0.50:0.95", "small", 100), (0, "0.50:0.95", "medium", 100), (0, "0.50:0.95", "large", 100)]  # fmt: skip
+    return "\n".join(
+        f" {'Average Precision' if ap else 'Average Recall':<18} {'(AP)' if ap else '(AR)'} @[ IoU={iou:<9} | "
+        f"area={area:>6s} | maxDets={dets:>3d} ] = {value:0.3f}"
+        for (ap, iou, area, dets), value in zip(rows, stats)
+    )
+
+
+def _has_gt(dataset: DetectionDataset, cls: int) -> bool:
+    return any((r.classes == cls).any() for r in dataset.records)
+
+
+def plot_pr_curve(ev, names: Sequence[str], path: str | os.PathLike) -> Path:
+    """Precision-recall at IoU 0.5 per class (thin) and averaged over classes (bold), from COCOeval's array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from edgedeploy.io import atomic_path
+
+    fig = Figure(figsize=(6, 5), dpi=110, layout="tight")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if ev is None:  # nothing detected: an empty plot that says so
+        recall, precision, present = np.linspace(0, 1, 101), np.zeros((101, 0)), []
+        ax.text(0.5, 0.5, "no detections", ha="center", va="center")
+    else:
+        recall = ev.params.recThrs
+        precision = ev.eval["precision"][0, :, :, 0, -1]  # [R, K] at IoU 0.5, all areas, 100 detections
+        present = [k for k in range(precision.shape[1]) if (precision[:, k] > -1).any()]
+    for k in present:
+        ap = precision[:, k].mean()
+        label = f"{names[ev.params.catIds[k]]} {ap:.3f}" if len(present) <= 20 else None
+        ax.plot(recall, precision[:, k], linewidth=1, alpha=0.7, label=label)
+    if present:
+        mean_curve = precision[:, present].mean(1)
+        ax.plot(recall, mean_curve, linewidth=3, color="royalblue", label=f"all classes {mean_curve.mean():.3f} mAP@.5")
+    ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.02), title="Precision-recall (IoU 0.5)")
+    ax.grid(alpha=0.3)
+    if present:
+        ax.legend(fontsize=7, loc="lower left")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------- predict functions
+
+
+def torch_predict_fn(
+    model, device=None, conf_thres: float = EVAL_CONF, iou_thres: float = EVAL_IOU, max_det: int = EVAL_MAX_DET, amp: bool = False
+) -> PredictFn:
+    """A PyTorch detector in eval mode; NMS runs on the model's device."""
+    import torch
+
+    from edgedeploy.models.detect_common import postprocess
+
+    device = device or next(model.parameters()).device
+
+    def predict(x: np.ndarray) -> list:
+        model.eval()
+        with torch.inference_mode():
+            xt = torch.from_numpy(x).to(device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp and xt.device.type == "cuda"):
+                boxes, scores = model(xt)
+            return postprocess(boxes.float(), scores.float(), conf_thres, iou_thres, max_det)
+
+    return predict
+
+
+def engine_predict_fn(
+    engine, conf_thres: float = EVAL_CONF, iou_thres: float = EVAL_IOU, max_det: int = EVAL_MAX_DET
+) -> PredictFn:
+    """Any `edgedeploy.runtime` Engine (ONNX Runtime, TensorRT, ...): `engine.infer(x) -> {name: array}`.
+
+    An artifact built for a fixed batch gets the last, smaller batch zero-padded (the padding is dropped).
+    """
+    spec = getattr(engine, "input", None)
+    dtype = np.dtype(spec.dtype) if spec is not None else np.dtype(np.float32)  # FP16-input artifacts
+    fixed_batch = spec.shape[0] if spec is not None and spec.shape and spec.shape[0] > 0 else None
+    max_batch = fixed_batch or getattr(engine, "max_batch", None)
+
+    def predict(x: np.ndarray) -> list[np.ndarray]:
+        n = x.shape[0]
+        if max_batch and n > max_batch:
+            return [d for i in range(0, n, max_batch) for d in predict(x[i : i + max_batch])]
+        if fixed_batch and n < fixed_batch:
+            x = np.concatenate([x, np.zeros((fixed_batch - n, *x.shape[1:]), x.dtype)])
+        return detections_from_outputs(engine.infer(x.astype(dtype, copy=False)), conf_thres, iou_thres, max_det)[:n]
+
+    return predict
+
+
+def onnx_predict_fn(path: str | os.PathLike, **kwargs) -> PredictFn:
+    """An ONNX detector through ONNX Runtime (with or without NMS in the graph)."""
+    from edgedeploy.runtime.engine import load_engine
+
+    return engine_predict_fn(load_engine(path, backend="onnxruntime"), **kwargs)
+
+
+def detections_from_outputs(
+    outputs: Mapping[str, np.ndarray], conf_thres: float = EVAL_CONF, iou_thres: float = EVAL_IOU, max_det: int = EVAL_MAX_DET
+) -> list[np.ndarray]:
+    """Per-image [K, 6] detections from an artifact's named outputs, whichever NMS variant it was exported with:
+
+    * no NMS: `boxes` [B, N, 4] + `scores` [B, N, C]   -> NMS on the host (the same `postprocess` as PyTorch);
+    * NMS in the graph, padded: one [B, K, 6] output, or EfficientNMS-style num_dets [B, 1] + boxes [B, K, 4]
+      + scores [B, K] + classes [B, K].
+    """
+    import torch
+
+    arrays = {k: np.asarray(v) for k, v in outputs.items()}
+    three_d = [a for a in arrays.values() if a.ndim == 3]
+    # Our exporter's names first (a 4-class model has scores [B,N,4] too), then shapes for other tools' files.
+    box_arr = arrays.get("boxes", arrays.get("det_boxes"))
+    box_arr = box_arr if box_arr is not None and box_arr.ndim == 3 else next((a for a in three_d if a.shape[-1] == 4), None)
+    score_arr = arrays.get("scores")
+    if score_arr is None or score_arr.ndim != 3:
+        score_arr = next((a for a in three_d if box_arr is not None and a is not box_arr and a.shape[:2] == box_arr.shape[:2]), None)
+    if box_arr is not None and score_arr is not None and len(arrays) == 2:
+        from edgedeploy.models.detect_common import postprocess
+
+        dets = postprocess(torch.from_numpy(box_arr.astype(np.float32)), torch.from_numpy(score_arr.astype(np.float32)), conf_thres, iou_thres, max_det)
+        return [d.numpy() for d in dets]
+    packed = next((a for a in three_d if a.shape[-1] == 6), None)
+    if packed is not None and len(arrays) == 1:
+        return [d[d[:, 4] > conf_thres][:max_det].astype(np.float32) for d in packed]
+    if box_arr is not None:
+        counts = next((a for a in arrays.values() if a.ndim == 2 and a.shape[1] == 1), None)
+        two_d = [a for a in arrays.values() if a.ndim == 2 and a.shape[1] == box_arr.shape[1]]
+        floats = [arrays[k] for k in ("scores", "det_scores") if k in arrays and arrays[k].ndim == 2]
+        floats = floats or [a for a in two_d if a.dtype.kind == "f"]
+        ints = [arrays[k] for k in ("classes", "det_classes") if k in arrays and arrays[k].ndim == 2]
+        ints = ints or [a for a in two_d if a.dtype.kind in "iu"]
+        if counts is not None and floats and ints:
+            out = []
+            for b in range(box_arr.shape[0]):
+                n = int(counts[b, 0])
+                out.append(np.concatenate([box_arr[b, :n], floats[0][b, :n, None], ints[0][b, :n, None]], 1).astype(np.float32))
+            return out
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
+    raise EdgeDeployError(
+        f"cannot read detections from outputs {shapes}: expected boxes [B,N,4] + scores [B,N,C] (export --nms none), "
+        "one [B,K,6] output, or num_dets/boxes/scores/classes (NMS in the graph)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def add_detect_eval_arguments(parser) -> None:
+    """Detection flags for `deploy eval` (only those the parser does not define already)."""
+    have = set(parser._option_string_actions)
+    for flags, kw in (
+        (("--conf-thres",), {"type": float, "default": EVAL_CONF, "help": "score threshold before NMS (mAP: keep low)"}),
+        (("--iou-thres",), {"type": float, "default": EVAL_IOU, "help": "NMS IoU threshold"}),
+        (("--max-det",), {"type": int, "default": EVAL_MAX_DET, "help": "detections kept per image"}),
+        (("--split",), {"default": "val", "help": "dataset split to evaluate"}),
+    ):
+        if not any(f in have for f in flags):
+            parser.add_argument(*flags, **kw)
+
+
+def run_eval_cli(args) -> int:
+    """`deploy eval` for detectors (called by edgedeploy.train.eval_cli with its namespace): ARTIFACT (.pt
+    checkpoint, .onnx, .engine) on --data (YOLO/COCO folder, or `synthetic`: regenerated as recorded at training).
+    Prints the COCO summary and per-class AP; writes pr_curve.png beside the artifact and --json if given.
+    """
+    from edgedeploy.io import atomic_write_json
+    from edgedeploy.models.registry import get_model_info
+    from edgedeploy.train.common import select_device
+    from edgedeploy.train.detect import open_detection_data, read_detector_meta
+
+    artifact = Path(_first_attr(args, ("artifact", "weights", "onnx", "engine")) or "")
+    if not str(artifact) or not artifact.exists():
+        raise EdgeDeployError(f"nothing to evaluate: {artifact or '(no path given)'} does not exist")
+    conf = float(getattr(args, "conf_thres", EVAL_CONF))
+    iou = float(getattr(args, "iou_thres", EVAL_IOU))
+    max_det = int(getattr(args, "max_det", EVAL_MAX_DET))
+    progress = not getattr(args, "quiet", False)
+    meta = read_detector_meta(artifact)
+    model_name = getattr(args, "model", None) or meta.get("model_name")
+    info = get_model_info(model_name) if model_name else None
+    imgsz = int(getattr(args, "imgsz", None) or meta.get("imgsz") or (info.imgsz if info else 0))
+    if not imgsz:
+        raise EdgeDeployError(f"cannot tell the input size of {artifact.name}: pass --imgsz")
+    data = getattr(args, "data", None) or meta.get("data") or "synthetic"
+    dataset = open_detection_data(data, getattr(args, "split", None) or "val", imgsz, meta.get("synthetic"))
+    trained = meta.get("class_names")
+    if trained and list(trained) != list(dataset.names):
+        raise EdgeDeployError(
+            f"{artifact.name} was trained on classes {list(trained)}, but the dataset has {dataset.names}: labels would not line up"
+        )
+
+    if artifact.suffix.lower() in (".pt", ".pth", ".ckpt"):
+        from edgedeploy.train.detect import load_detector
+
+        device = select_device(getattr(args, "device", None))
+        model = load_detector(artifact, model_name, num_classes=getattr(args, "num_classes", None) or len(dataset.names))
+        predict = torch_predict_fn(model.to(device), device, conf, iou, max_det)
+    else:
+        from edgedeploy.runtime.engine import load_engine
+
+        predict = engine_predict_fn(load_engine(artifact), conf, iou, max_det)
+    mean = meta.get("mean") or (info.mean if info else (0.0, 0.0, 0.0))
+    std = meta.get("std") or (info.std if info else (1.0, 1.0, 1.0))
+    out_dir = Path(getattr(args, "out", None) or artifact.parent)
+    batch = int(getattr(args, "batch", None) or 8)
+    metrics = evaluate_detector(
+        predict, dataset, imgsz, mean=mean, std=std, batch_size=batch, num_workers=int(getattr(args, "workers", 0) or 0),
+        out_dir=out_dir, progress=progress,
+    )  # fmt: skip
+    print(metrics.class_table())
+    print(
+        f"{artifact.name} on {dataset.root} ({metrics.num_images} {dataset.split} images): mAP@.5 {metrics.map50:.4f}  "
+        f"mAP@.5:.95 {metrics.map:.4f}  ({metrics.seconds:.1f} s)  PR curve: {metrics.pr_curve}"
+    )
+    json_path = getattr(args, "json", None) or (Path(args.out) / f"eval_{artifact.stem}.json" if getattr(args, "out", None) else None)
+    if json_path:
+        atomic_write_json(json_path, {"artifact": str(artifact), "data": str(dataset.root), **metrics.as_dict()})
+    return 0
+
+
+def _first_attr(obj, names: Sequence[str]):
+    for n in names:
+        v = getattr(obj, n, None)
+        if v:
+            return v
+    return None
