@@ -47,26 +47,25 @@ def _temp_files(folder) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="recipe not tuned yet: mobilenetv3_small from scratch is still at chance after ~90 "
-                  "iterations on this set (measured); needs a longer budget or a faster-learning recipe")
-def test_short_training_learns_the_shapes(tmp_path):
-    data = make_synthetic_classification(tmp_path / "shapes", num_classes=3, train_per_class=120, val_per_class=40,
-                                         imgsz=32, seed=0, progress=False)
-    result = train_classifier(MODEL, data, epochs=8, batch_size=32, imgsz=32, optimizer="adamw",
-                              out_dir=tmp_path / "run", progress=False)
-    print(f"3 shapes at 32 px, 8 epochs: val top-1 {result.top1:.3f} (best {result.best_top1:.3f})")
-    assert result.best_top1 >= 0.7  # chance is 0.33
-    assert result.top5 == 1.0  # 3 classes: top-5 covers them all
+@pytest.mark.slow
+def test_synthetic_preset_reaches_90_percent(tmp_path):
+    """The acceptance run of the foundation issue: `deploy train --model mobilenetv3_small --data synthetic` with
+    the preset (data generation included) reaches >= 90% val top-1. ~3 min on a 2-core CPU (docs/TRAINING.md)."""
+    result = train_classifier(MODEL, "synthetic", out_dir=tmp_path / "run", progress=False)
+    print(f"synthetic preset: val top-1 {result.top1:.4f} (best {result.best_top1:.4f}) in {result.wall_s:.0f} s")
+    assert result.best_top1 >= 0.90 and result.top1 >= 0.90  # chance is 1/6
+    assert result.top5 == 1.0
 
     # the saved (EMA) weights score what training reported, through the torch and the numpy entry points
     model, meta = load_classifier(result.best)
-    assert meta["class_names"] == ["circle", "square", "triangle"] and meta["imgsz"] == 32 and meta["task"] == "classify"
-    _, val = load_imagefolder(data, 32, MEAN, STD)
+    assert meta["class_names"] == ["circle", "square", "triangle", "star", "cross", "ring"]
+    assert meta["imgsz"] == 64 and meta["task"] == "classify"
+    _, val = load_imagefolder(meta["data"], 64, MEAN, STD)
     by_torch = evaluate_classifier(model, val, progress=False)
     by_numpy = evaluate_classifier(lambda x: model(torch.from_numpy(x)).detach().numpy(), val, batch_size=7,
                                    progress=False)
     assert by_torch["top1"] == pytest.approx(result.best_top1)
-    assert by_numpy["top1"] == by_torch["top1"] and by_numpy["n"] == 120
+    assert by_numpy["top1"] == by_torch["top1"] and by_numpy["n"] == 600
 
 
 @pytest.mark.slow

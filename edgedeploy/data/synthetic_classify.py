@@ -24,7 +24,7 @@ import numpy as np
 
 from edgedeploy.errors import DatasetError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SUPERSAMPLE = 4  # masks are drawn at 4x and area-downsampled: anti-aliased edges at any image size
 
 # Label order. Shapes that a rotation maps onto each other (square/diamond) are deliberately not both here.
@@ -77,7 +77,7 @@ def _shape_mask(shape: str, imgsz: int, rng: np.random.Generator) -> np.ndarray:
     import cv2
 
     big = imgsz * SUPERSAMPLE
-    radius = rng.uniform(0.2, 0.4) * imgsz  # 40-80% of the image across
+    radius = rng.uniform(0.25, 0.42) * imgsz  # 50-85% of the image across
     angle = rng.uniform(0, 2 * math.pi)
     stretch = rng.uniform(0.8, 1.2)
     margin = radius * 0.9
@@ -109,9 +109,9 @@ def _background(imgsz: int, rng: np.random.Generator) -> np.ndarray:
 
     cells = int(rng.integers(2, 6))
     base = _random_colour(rng)
-    field = rng.normal(0, 40, size=(cells, cells, 3)).astype(np.float32)
+    field = rng.normal(0, 25, size=(cells, cells, 3)).astype(np.float32)
     bg = cv2.resize(field, (imgsz, imgsz), interpolation=cv2.INTER_CUBIC) + base
-    for _ in range(int(rng.integers(0, 4))):
+    for _ in range(int(rng.integers(0, 3))):
         p1, p2 = rng.integers(0, imgsz, size=(2, 2))
         colour = tuple(float(c) for c in _random_colour(rng))
         cv2.line(bg, tuple(int(v) for v in p1), tuple(int(v) for v in p2), colour, 1, cv2.LINE_AA)
@@ -123,13 +123,11 @@ def render_shape_image(shape: str, imgsz: int, rng: np.random.Generator) -> np.n
     bg = _background(imgsz, rng)
     mask = _shape_mask(shape, imgsz, rng)[..., None]
     bg_mean = bg.reshape(-1, 3).mean(0)
-    for _ in range(20):  # a shape must stand out from its background, else its label is noise
-        colour = _random_colour(rng)
-        if np.abs(colour - bg_mean).sum() > 150:
-            break
+    # a shape must stand out from its background, else its label is noise: the most distinct of a few draws
+    colour = max((_random_colour(rng) for _ in range(4)), key=lambda c: float(np.abs(c - bg_mean).sum()))
     shade = 1.0 + rng.normal(0, 0.08, size=(imgsz, imgsz, 1)).astype(np.float32)
     img = bg * (1 - mask) + colour * shade * mask
-    img += rng.normal(0, rng.uniform(4, 14), size=img.shape).astype(np.float32)
+    img += rng.normal(0, rng.uniform(3, 10), size=img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

@@ -35,7 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate after warm-up")
     parser.add_argument("--opt", dest="opt", choices=("sgd", "adamw"), default=None, help="optimizer")
     parser.add_argument("--weight-decay", type=float, default=None)
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="classify: cross-entropy smoothing")
+    parser.add_argument(
+        "--label-smoothing", type=float, default=None, help="classify: cross-entropy smoothing (0.1; 0 for synthetic)"
+    )
     parser.add_argument("--no-ema", action="store_true", help="no exponential moving average of the weights")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision (AMP is used on CUDA only)")
     parser.add_argument("--workers", type=int, default=None, help="data-loader processes")
