@@ -36,9 +36,18 @@ def read_image(path: Path) -> np.ndarray | None:
 
 
 def read_image_dir(root: str | os.PathLike, n: int | None = None) -> tuple[list[np.ndarray], int]:
-    """Up to `n` decodable images from `root` (sorted, recursive) and how many files were skipped as corrupt."""
+    """Up to `n` decodable images from `root` (recursive) and how many files were skipped as corrupt.
+
+    Files are taken evenly spaced over the sorted list, so a tree of class folders gives every class its share
+    (the first `n` files would all be one class: a calibration that has never seen the others).
+    """
+    files = list_images(root)
+    if n is not None and len(files) > n:
+        step = len(files) / n
+        picked = [files[int(i * step)] for i in range(n)]
+        files = picked + [f for f in files if f not in set(picked)]  # the rest stand in for corrupt ones
     images, skipped = [], 0
-    for path in list_images(root):
+    for path in files:
         if n is not None and len(images) >= n:
             break
         img = read_image(path)
@@ -51,13 +60,17 @@ def read_image_dir(root: str | os.PathLike, n: int | None = None) -> tuple[list[
     return images, skipped
 
 
-def read_image_folder(root: str | os.PathLike, n: int | None = None) -> tuple[list[np.ndarray], list[int], list[str], int]:
+def read_image_folder(
+    root: str | os.PathLike, n: int | None = None, classes: list[str] | None = None
+) -> tuple[list[np.ndarray], list[int], list[str], int]:
     """ImageFolder layout (root/<class>/<image>): images, labels, class names, skipped count.
 
-    Images are taken round-robin over classes so a small `n` still covers every class.
+    Labels follow `classes` (the training label order, e.g. from classes.txt) when given, else sorted folder
+    names. Images are taken round-robin over classes so a small `n` still covers every class.
     """
     root = Path(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if classes is None:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
     if not classes:
         raise DatasetError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
     per_class = []

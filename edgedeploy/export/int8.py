@@ -33,6 +33,9 @@ TRT_EXTRA_OPTIONS = {
 }
 
 
+CALIB_METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+
 def _producers(graph) -> dict[str, object]:
     return {o: n for n in graph.node for o in n.output}
 
@@ -90,8 +93,16 @@ def quantize_qdq(
     calib_inputs: list[np.ndarray],
     nodes_to_exclude: list[str],
     progress: Callable[[], None] | None = None,
+    calib_method: str = "minmax",
 ) -> dict:
-    """Write a TensorRT-friendly Q/DQ model to `out_path` (atomically); returns facts for the report."""
+    """Write a TensorRT-friendly Q/DQ model to `out_path` (atomically); returns facts for the report.
+
+    `calib_method`: "minmax" (default: memory bounded, any model size), "percentile" (99.999th percentile of
+    |x|: clips rare outliers; measured -0.7 vs -1.0 point top-1 on trained mobilenetv3_small, but ONNX Runtime
+    keeps every calibration activation in memory, which large models at large sizes cannot afford) or
+    "entropy" (KL divergence, TensorRT's classic calibrator)."""
+    if calib_method not in CALIB_METHODS:
+        raise ExportError(f"--calib-method {calib_method!r}: choose one of {', '.join(CALIB_METHODS)}")
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -118,7 +129,7 @@ def quantize_qdq(
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=nodes_to_exclude,
-                calibrate_method=CalibrationMethod.MinMax,
+                calibrate_method=getattr(CalibrationMethod, CALIB_METHODS[calib_method]),
                 extra_options=dict(TRT_EXTRA_OPTIONS),
             )
         except Exception as e:  # noqa: BLE001
@@ -127,6 +138,7 @@ def quantize_qdq(
     fused = fuse_residual_adds(model)
     onnx.checker.check_model(model)
     facts = qdq_facts(model)
+    facts["calibration_method"] = calib_method
     facts["residual_adds_fused"] = len(fused)
     atomic_write_bytes(out_path, model.SerializeToString())
     return facts

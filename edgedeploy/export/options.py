@@ -26,9 +26,11 @@ class ExportOptions:
     fp16: bool = False
     fp16_io: str = "fp32"  # "fp32": keep FP32 inputs/outputs around the FP16 graph; "fp16": FP16 IO
     int8: bool = False
-    calib: str = "synthetic"  # image directory, or "synthetic"
+    calib: str | None = None  # image directory or "synthetic"; None: the checkpoint's training data, else synthetic
     calib_images: int = 64
-    eval_data: str = "synthetic"  # held-out images for FP16/INT8 accuracy: directory, or "synthetic"
+    calib_method: str = "minmax"  # minmax | percentile | entropy (see export.int8.quantize_qdq)
+    eval_data: str | None = None  # held-out images for FP16/INT8 accuracy: directory or "synthetic"; None: the
+    # checkpoint's validation split when it recorded its (classification) dataset, else synthetic
     eval_images: int = 64
     parity_inputs: int = 4  # real-looking images, plus one random-normal input
     rtol: float | None = None  # None: the task adapter's parity_tolerance()

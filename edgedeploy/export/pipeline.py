@@ -100,8 +100,10 @@ class _Exporter:
         self.info = get_model_info(options.model)
         self.adapter: TaskAdapter = get_task_adapter(self.info.task)
         self.imgsz = int(options.imgsz or self._checkpoint_meta(options.weights).get("imgsz") or self.info.imgsz)
-        if self.imgsz < 32 or self.imgsz % 32:
-            raise EdgeDeployError(f"--imgsz {self.imgsz}: use a multiple of 32, at least 32")
+        multiple = self.adapter.imgsz_multiple
+        if self.imgsz < 32 or self.imgsz % multiple:
+            rule = f"a multiple of {multiple}, " if multiple > 1 else ""
+            raise EdgeDeployError(f"--imgsz {self.imgsz}: {self.info.task} models need {rule}at least 32")
         if options.dynamic_batch:
             mn, opt, mx = options.dynamic_batch
             if not (1 <= mn <= opt <= mx):
@@ -111,6 +113,7 @@ class _Exporter:
         self.name = self.info.name
         self.ckpt_meta = self._checkpoint_meta(options.weights)
         self._class_names = [str(c) for c in self.ckpt_meta.get("class_names") or []]
+        self._resolve_data_sources()
         self.out = Path(options.out) / self.name
         _check_writable(self.out)
         self.previous = None if options.force else load_report(self.out)
@@ -132,6 +135,16 @@ class _Exporter:
         self._model = None
 
     # ----------------------------------------------------------------------------------------------- helpers
+    def _resolve_data_sources(self) -> None:
+        """Unset --calib/--eval-data: a classification checkpoint from `deploy train` records its dataset, whose
+        train split calibrates INT8 and whose val split measures FP16/INT8 top-1; otherwise the synthetic set."""
+        o = self.o
+        data = self.ckpt_meta.get("data") if self.info.task == "classify" else None
+        root = Path(data) if data and Path(data).is_dir() else None
+        if o.calib is None:
+            o.calib = str(root / "train") if root is not None and (root / "train").is_dir() else "synthetic"
+        if o.eval_data is None:
+            o.eval_data = str(root) if root is not None else "synthetic"
     @staticmethod
     def _checkpoint_meta(weights: str | None) -> dict[str, Any]:
         """Our training checkpoints record num_classes, class_names and imgsz: use them as defaults."""
@@ -327,6 +340,13 @@ class _Exporter:
     def eval_data(self) -> EvalData:
         if not hasattr(self, "_eval"):
             self._eval = self.adapter.load_eval_data(self.info, self.imgsz, self.o.eval_data, self.o.eval_images, self.rng(4))
+            data_classes = [str(c) for c in self._eval.meta.get("classes") or []]
+            if data_classes and self._class_names and data_classes != self._class_names:
+                raise EdgeDeployError(
+                    f"--eval-data {self.o.eval_data}: its classes ({', '.join(data_classes[:8])}) are not the "
+                    f"checkpoint's ({', '.join(self._class_names[:8])}) in label order; top-1 would be meaningless. "
+                    "Point --eval-data at the dataset the model was trained on (with its classes.txt)"
+                )
         return self._eval
 
     def _accuracy(self, fp32_path: Path, low_path: Path) -> dict[str, Any]:
@@ -418,7 +438,7 @@ class _Exporter:
         calib_sig = opts.calib if opts.calib == "synthetic" else sorted(
             (str(p.relative_to(opts.calib)), p.stat().st_size) for p in Path(opts.calib).rglob("*") if p.is_file()
         ) if Path(opts.calib).is_dir() else opts.calib
-        key = _key("int8", base_key, calib_sig, opts.calib_images, opts.eval_data, opts.eval_images)
+        key = _key("int8", base_key, calib_sig, opts.calib_images, opts.calib_method, opts.eval_data, opts.eval_images)
         if self.reusable("int8", key):
             self.record(self.report_prev("int8"))
             return path
@@ -432,7 +452,8 @@ class _Exporter:
         excluded = self.adapter.int8_exclusions(model, opts)
         bar = _progress(opts.progress, len(inputs), "calibrate")
         try:
-            facts = quantize_qdq(fp32_path, path, self.input_names[0], inputs, [n for n, _ in excluded], lambda: bar.update(1))
+            facts = quantize_qdq(fp32_path, path, self.input_names[0], inputs, [n for n, _ in excluded], lambda: bar.update(1),
+                                calib_method=opts.calib_method)
         finally:
             bar.close()
         acc = self._accuracy(fp32_path, path)

@@ -120,7 +120,7 @@ def _train_classify(args: argparse.Namespace) -> int:
     print(
         f"done in {result.wall_s:.0f}s: val top-1 {100 * result.top1:.2f}% (best {100 * result.best_top1:.2f}%), "
         f"top-5 {100 * result.top5:.2f}%\n"
-        f"  weights  {result.best}  (EMA; `deploy eval --weights {result.best}`, `deploy export {result.best}`)\n"
+        f"  weights  {result.best}  (EMA; `deploy eval --weights {result.best}`, `deploy export --weights {result.best}`)\n"
         f"  resume   deploy train --resume {result.last}\n"
         f"  metrics  {result.run_dir / 'metrics.csv'}, curves {result.run_dir / 'results.png'}"
     )

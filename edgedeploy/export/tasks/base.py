@@ -92,6 +92,9 @@ class TaskAdapter:
     """Base class; see the module docstring for the contract. Subclasses set `task` and `output_names`."""
 
     task: str = ""
+    # input sides the task's networks accept: classifiers and YOLO heads need whole stride-32 grids; a task
+    # whose graph handles any size (LR-ASPP) sets 1. Models with stricter needs (MobileViT: 64) say so themselves.
+    imgsz_multiple: int = 32
 
     # --- graph ---------------------------------------------------------------------------------------------
     def wrap_for_export(self, model: "nn.Module", options: ExportOptions) -> "nn.Module":

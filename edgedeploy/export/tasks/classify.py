@@ -29,12 +29,21 @@ class ClassifyAdapter(TaskAdapter):
         return [render_shape_image(SHAPES[i % len(SHAPES)], imgsz, rng) for i in range(n)]
 
     def load_eval_data(self, info: "ModelInfo", imgsz: int, source: str, n: int, rng: np.random.Generator) -> EvalData:
-        """A folder with class sub-folders gives labelled data (top-1); a flat folder or `synthetic` does not."""
+        """Labelled data (top-1) from a dataset root with a val split (`deploy train`'s layout: labels in
+        classes.txt order) or a folder of class sub-folders; a flat folder or `synthetic` gives no labels."""
         root = Path(source)
         if source != "synthetic" and root.is_dir() and any(p.is_dir() for p in root.iterdir()):
+            from edgedeploy.data.imagefolder import VAL_SPLIT_NAMES, read_class_names
             from edgedeploy.export.calibration import read_image_folder
 
-            images, labels, classes, skipped = read_image_folder(root, n)
+            classes = None
+            split = next((root / v for v in VAL_SPLIT_NAMES if (root / v).is_dir()), None)
+            if split is not None:
+                classes = read_class_names(root)
+                root = split
+            elif (root / "classes.txt").is_file():
+                classes = read_class_names(root)
+            images, labels, classes, skipped = read_image_folder(root, n, classes)
             inputs = [self.preprocess(i, info, imgsz) for i in images]
             return EvalData(inputs, labels, str(root), skipped, {"classes": classes})
         return super().load_eval_data(info, imgsz, source, n, rng)

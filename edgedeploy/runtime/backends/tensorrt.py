@@ -43,12 +43,12 @@ def check_engine_compat(
 ) -> None:
     """Refuse an engine built by another TensorRT flavour/version or for another GPU, with the fix in the message."""
     name = Path(path).name
-    rebuild = (
-        f"Rebuild it on this machine: `deploy export ... --engine` from the ONNX file "
-        f"(engines do not move between TensorRT versions or GPU architectures)."
-    )
     if meta is None:
         return  # no sidecar: nothing to check ahead of time; deserialisation is the last line of defence
+    rebuild = (
+        f"Rebuild it on this machine: `deploy export --model {meta.model or 'MODEL'} --weights CHECKPOINT "
+        f"--builder {runtime_builder}` (engines do not move between TensorRT versions or GPU architectures)."
+    )
     if meta.builder not in ("tensorrt", "tensorrt-rtx"):
         raise EngineCompatibilityError(f"{name}: sidecar says builder {meta.builder!r}, not a TensorRT engine")
     if meta.builder != runtime_builder:
