@@ -61,6 +61,14 @@ class TorchEngine(Engine):
 
         meta = read_sidecar(path, required=False)
         name = model or (meta.model if meta else None)
+        if meta is None and str(path).endswith((".pt", ".pth")):
+            # a `deploy train` checkpoint names its model, class count and input size itself
+            from edgedeploy.models.checkpoint import read_checkpoint
+
+            trained = read_checkpoint(path).get("meta") or {}
+            name = name or trained.get("model_name")
+            num_classes = num_classes if num_classes is not None else trained.get("num_classes")
+            imgsz = imgsz or trained.get("imgsz")
         if not name:
             raise EdgeDeployError(f"{Path(path).name}: a checkpoint needs --model NAME (no sidecar names the model)")
         info = get_model_info(name)
