@@ -93,3 +93,18 @@ def test_input_size_rules_are_per_task(tmp_path, capsys):
     assert main(["export", "--model", "mobilenetv3_small", "--imgsz", "200", "--out", str(tmp_path / "c")]) == 1
     assert "classify models need a multiple of 32" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_fp16_keep_blocks_more_op_types(run, tmp_path):
+    import onnx
+
+    out = tmp_path / "keep"
+    assert main(["export", "--weights", str(run["ckpt"]), "--fp16", "--fp16-keep", "Conv", "--builder", "none",
+                 "--out", str(out), "--eval-images", "16", "--no-progress"]) == 0
+    report = json.loads((out / "mobilenetv3_small" / "export_report.json").read_text())
+    fp16 = next(s for s in report["steps"] if s["name"] == "fp16")["details"]
+    assert "Conv" in fp16["kept_fp32_op_types"] and fp16["accuracy"]["low"]["agreement"] == 1.0
+    model = onnx.load(str(out / "mobilenetv3_small" / "mobilenetv3_small.fp16.onnx"))
+    weights = {i.name: i.data_type for i in model.graph.initializer}
+    conv_weights = [n.input[1] for n in model.graph.node if n.op_type == "Conv"]
+    assert conv_weights and all(weights[w] == onnx.TensorProto.FLOAT for w in conv_weights if w in weights)

@@ -337,3 +337,28 @@ def test_gpu_frame_on_a_cpu_pipeline_says_how_to_pass_it(classifier_onnx):
 
     with pytest.raises(InputError, match="needs a TensorRT engine with GPU preprocessing.*cpu\\(\\).numpy\\(\\)"):
         Classifier(classifier_onnx[0])(DeviceFrame())
+
+
+def test_plugin_engine_without_the_plugin_says_what_to_load():
+    """`--nms trt` engines name EfficientNMS_TRT in their sidecar: a TensorRT without the plugin library is
+    caught before deserialisation (fake `tensorrt` module: the real one is not installable in this CI)."""
+    from types import SimpleNamespace
+
+    from edgedeploy.runtime.backends.tensorrt import check_plugins
+
+    registered: dict[str, object] = {}
+    calls = []
+    trt = SimpleNamespace(
+        Logger=type("Logger", (), {"ERROR": 1, "__init__": lambda self, level=0: None}),
+        init_libnvinfer_plugins=lambda logger, ns: calls.append(ns),
+        get_plugin_registry=lambda: SimpleNamespace(get_creator=lambda name, version, ns: registered.get(name)),
+    )
+    meta = _engine_meta()
+    meta.postprocess = {"nms": "trt", "plugin": "EfficientNMS_TRT"}
+    with pytest.raises(EngineCompatibilityError, match="EfficientNMS_TRT.*--nms onnx"):
+        check_plugins(trt, meta, "yolox_s.fp16.engine")
+    assert calls == [""]  # the standard plugins were registered before looking
+    registered["EfficientNMS_TRT"] = object()
+    check_plugins(trt, meta, "yolox_s.fp16.engine")  # present: accepted
+    meta.postprocess = {"nms": "onnx"}
+    check_plugins(SimpleNamespace(), meta, "x.engine")  # no plugin named: TensorRT is not even asked

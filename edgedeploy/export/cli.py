@@ -34,6 +34,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="exports", help="output folder; artifacts go to OUT/<model>/")
     parser.add_argument("--fp16", action="store_true", help="also write an FP16 ONNX (and engine)")
     parser.add_argument("--fp16-io", choices=("fp32", "fp16"), default="fp32", help="FP16 model's input/output type")
+    parser.add_argument("--fp16-keep", type=lambda t: [op.strip() for op in t.split(",") if op.strip()],
+                        default=[], metavar="OP[,OP...]",
+                        help="more ONNX op types to keep in FP32 in the FP16 model (e.g. MatMul,Add)")
     parser.add_argument("--int8", action="store_true", help="also write an INT8 Q/DQ ONNX (and engine)")
     parser.add_argument("--calib", metavar="DIR|synthetic", help="INT8 calibration images (default: the "
                         "checkpoint's training images when it records them, else synthetic)")
@@ -124,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         simplify=not args.no_simplify,
         fp16=args.fp16,
         fp16_io=args.fp16_io,
+        fp16_keep=args.fp16_keep,
         int8=args.int8,
         calib=args.calib,
         calib_images=args.calib_images,

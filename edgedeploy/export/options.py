@@ -25,6 +25,7 @@ class ExportOptions:
     simplify: bool = True
     fp16: bool = False
     fp16_io: str = "fp32"  # "fp32": keep FP32 inputs/outputs around the FP16 graph; "fp16": FP16 IO
+    fp16_keep: list[str] = field(default_factory=list)  # extra ONNX op types kept in FP32 in the FP16 model
     int8: bool = False
     calib: str | None = None  # image directory or "synthetic"; None: the checkpoint's training data, else synthetic
     calib_images: int = 64

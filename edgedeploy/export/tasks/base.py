@@ -182,7 +182,8 @@ class TaskAdapter:
 
     # --- precision -----------------------------------------------------------------------------------------
     def fp16_op_block_list(self, options: ExportOptions) -> list[str]:
-        return list(DEFAULT_FP16_BLOCK_LIST)
+        """Op types that stay FP32 in the FP16 model: the numerically sensitive defaults plus `--fp16-keep`."""
+        return list(DEFAULT_FP16_BLOCK_LIST) + [op for op in options.fp16_keep if op not in DEFAULT_FP16_BLOCK_LIST]
 
     def int8_exclusions(self, onnx_model: "onnx.ModelProto", options: ExportOptions) -> list[tuple[str, str]]:
         return []

@@ -107,6 +107,24 @@ def _collecting_logger(trt: Any) -> Any:
     return Logger()
 
 
+def check_plugins(trt: Any, meta: ArtifactMeta | None, name: str) -> None:
+    """An engine whose sidecar names a plugin (`--nms trt`: EfficientNMS_TRT) needs its creator registered before
+    deserialisation; say which library to load instead of TensorRT's bare "getPluginCreator could not find"."""
+    plugin = (meta.postprocess or {}).get("plugin") if meta else None
+    if not plugin:
+        return
+    logger = trt.Logger(trt.Logger.ERROR)
+    if hasattr(trt, "init_libnvinfer_plugins"):
+        trt.init_libnvinfer_plugins(logger, "")
+    registry = trt.get_plugin_registry()
+    if registry.get_creator(plugin, "1", "") is None:
+        raise EngineCompatibilityError(
+            f"{name} uses the TensorRT plugin {plugin}, which this TensorRT does not register (the plugin library "
+            "libnvinfer_plugin is missing, or this TensorRT dropped the plugin). Install TensorRT's plugin library, "
+            "or re-export with `--nms onnx` (TensorRT's built-in NMS layer, no plugin)."
+        )
+
+
 def deserialize_engine(trt: Any, data: bytes, name: str) -> tuple[Any, Any, Any]:
     """(runtime, engine, logger); a plan TensorRT rejects is an EngineCompatibilityError carrying its log."""
     logger = _collecting_logger(trt)
@@ -142,6 +160,7 @@ class TensorRTEngine(Engine):
         cuda.init(device)
         check_engine_compat(self.meta, runtime_builder=builder, runtime_version=trt.__version__,
                             device_cc=cuda.compute_capability(device), path=self.path)
+        check_plugins(trt, self.meta, self.path.name)
         self.runtime, self.engine, self.logger = deserialize_engine(trt, data, self.path.name)
         self.context = self.engine.create_execution_context()
         self.stream = cuda.Stream()
