@@ -1,15 +1,13 @@
 """CUDA layer, NVRTC kernel, GPU preprocessing/NMS and TensorRT execution.
 
 The NVRTC compile and error-reporting tests run anywhere cuda-python's NVRTC loads (no GPU needed). The rest is
-marked `gpu` / `tensorrt` and states the acceptance targets of issue 6, to be run on the GPU machine:
-preprocessing equals the OpenCV CPU reference within 1/255 and is >= 10x faster on 1080p; GPU NMS keeps the
-same boxes as torchvision on CPU and decode+NMS for YOLOX-S-sized output is >= 20x faster; CUDA-graph runtime
-overhead <= 5 %.
+marked `gpu` / `tensorrt`, to be run on the GPU machine: preprocessing equals the OpenCV CPU reference within
+1/255, GPU NMS keeps the same boxes as torchvision on the CPU, TensorRT execution (with and without CUDA graphs)
+equals ONNX Runtime. The speed targets of issue 6 (>= 10x preprocessing, >= 20x NMS, <= 5 % runtime overhead,
+camera >= 90 % of bare throughput) are measured by benchmarks/runtime_targets.py, not asserted in timed tests.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -114,32 +112,6 @@ def test_gpu_preprocess_gray_bgra_fp16_and_device_frames():
 
 
 @pytest.mark.gpu
-def test_gpu_preprocess_10x_faster_than_cpu_on_1080p():
-    from edgedeploy.runtime import cuda
-    from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
-
-    frame = np.random.default_rng(2).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    pre = GpuPreprocessor((640, 640), mean, std, letterbox=True)
-    buf = cuda.DeviceBuffer(3 * 640 * 640 * 4)
-    for _ in range(5):
-        pre(frame, buf.ptr)
-    pre.stream.synchronize()
-    n = 50
-    t0 = time.perf_counter()
-    for _ in range(n):
-        pre(frame, buf.ptr)  # includes the pinned staging copy and H2D of the raw frame
-    pre.stream.synchronize()
-    gpu_ms = (time.perf_counter() - t0) / n * 1e3
-    t0 = time.perf_counter()
-    for _ in range(10):
-        to_input_tensor(frame, 640, mean, std, letterboxed=True)
-    cpu_ms = (time.perf_counter() - t0) / 10 * 1e3
-    print(f"1080p -> 640 letterbox: CPU {cpu_ms:.2f} ms, GPU {gpu_ms:.3f} ms, {cpu_ms / gpu_ms:.1f}x")
-    assert cpu_ms / gpu_ms >= 10
-
-
-@pytest.mark.gpu
 def test_cuda_graph_replays_preprocess_kernel():
     from edgedeploy.runtime import cuda
     from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
@@ -167,7 +139,7 @@ def test_cuda_graph_replays_preprocess_kernel():
 
 
 @pytest.mark.gpu
-def test_gpu_nms_keeps_same_boxes_as_cpu_and_is_20x_faster_on_yolox_s_output():
+def test_gpu_nms_keeps_same_boxes_as_cpu_on_yolox_s_sized_output():
     torch = pytest.importorskip("torch")
     from edgedeploy.runtime.nms import batched_detections
 
@@ -180,23 +152,8 @@ def test_gpu_nms_keeps_same_boxes_as_cpu_and_is_20x_faster_on_yolox_s_output():
     cpu = batched_detections(boxes, scores, **kw)[0]
     gpu_boxes, gpu_scores = boxes.cuda(), scores.cuda()
     gpu = batched_detections(gpu_boxes, gpu_scores, **kw)[0].cpu()
+    assert len(cpu) > 10  # the comparison is over real suppression work, not an empty result
     torch.testing.assert_close(gpu, cpu)
-
-    def timed(fn, reps):
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / reps * 1e3
-
-    # the CPU path starts from host arrays (what a host-side post-processor gets after copying all candidates)
-    boxes_np, scores_np = boxes.numpy(), scores.numpy()
-    cpu_ms = timed(lambda: batched_detections(boxes_np, scores_np, **kw), 10)
-    gpu_ms = timed(lambda: [d.cpu() for d in batched_detections(gpu_boxes, gpu_scores, **kw)], 50)
-    print(f"decode+NMS 8400x80: CPU {cpu_ms:.2f} ms, GPU {gpu_ms:.3f} ms, {cpu_ms / gpu_ms:.1f}x")
-    assert cpu_ms / gpu_ms >= 20
 
 
 @pytest.mark.gpu
@@ -256,16 +213,13 @@ def test_tensorrt_engine_matches_onnxruntime_every_batch_image_and_cuda_graph(tm
         np.testing.assert_allclose(eng.infer(x)["logits"], ref, atol=1e-3)
         for i in range(8):  # every image of the batch equals its batch-1 run
             np.testing.assert_allclose(eng.infer(x[i : i + 1])["logits"][0], ref[i], atol=1e-3)
-        plain = run_benchmark(eng, BenchConfig(iterations=300, warmup_ms=50), progress=False)
     with load_engine(engine_path, cuda_graph=True) as eng:
         np.testing.assert_allclose(eng.infer(x)["logits"], ref, atol=1e-3)
         np.testing.assert_allclose(eng.infer(x[:3])["logits"], ref[:3], atol=1e-3)  # shape change: re-capture
-        graphed = run_benchmark(eng, BenchConfig(iterations=300, warmup_ms=50), progress=False)
+        graphed = run_benchmark(eng, BenchConfig(iterations=50, warmup_ms=20), progress=False)
         assert eng.use_cuda_graph, "capture should succeed for a static-output engine"
-    # runtime overhead: host latency vs GPU compute, with CUDA graphs <= 5 %
-    overhead = graphed.latency.median / (graphed.h2d.median + graphed.compute.median + graphed.d2h.median) - 1
-    print(plain.format(), graphed.format(), sep="\n")
-    assert overhead <= 0.05
+        assert graphed.h2d is not None and graphed.compute is not None  # the CUDA-event split is reported
+        np.testing.assert_allclose(eng.infer(x)["logits"], ref, atol=1e-3)  # graph replays after the benchmark
 
 
 @pytest.mark.gpu

@@ -186,6 +186,25 @@ def test_common_pieces_behave(tmp_path):
     assert run_dir(tmp_path / "runs", "exp").name == "exp" and run_dir(tmp_path / "runs", "exp").name == "exp2"
 
 
+def test_run_sized_ema_keeps_following_a_short_run():
+    """A weight that moves steadily over a 2400-update run: the run-sized EMA ends close to it; the fixed 0.9999
+    decay (ramped with tau=200) stops following it -- what froze LR-ASPP's EMA val mIoU in a short run."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    fixed, sized = ModelEMA(model, tau=200.0), ModelEMA.for_run(model, total_iters=2400)
+    with torch.no_grad():
+        model.weight.zero_()
+        fixed.ema.weight.zero_()
+        sized.ema.weight.zero_()
+        for _ in range(2400):
+            model.weight.add_(1.0)
+            fixed.update(model)
+            sized.update(model)
+    lag = lambda ema: float(model.weight - ema.ema.weight) / 2400  # noqa: E731
+    assert lag(sized) < 0.06  # about its 5 % averaging window
+    assert lag(fixed) > 0.3
+    assert ModelEMA.for_run(model, total_iters=10_000_000).decay == pytest.approx(0.9999)  # long runs: as before
+
+
 def test_deploy_train_and_eval_commands(tiny, tmp_path, capsys):
     run = tmp_path / "run"
     code = cli.main(["train", "--model", MODEL, "--data", str(tiny), "--epochs", "1", "--imgsz", "32", "--batch", "8",

@@ -158,6 +158,15 @@ class ModelEMA:
         self.tau = tau
         self.updates = updates
 
+    @classmethod
+    def for_run(cls, model: nn.Module, total_iters: int, horizon: float = 0.05) -> "ModelEMA":
+        """An EMA sized to a run of `total_iters` updates: ramp-up over ~a quarter of the run and an averaging
+        window (1 / (1 - decay)) of at most `horizon` of it. With the fixed 0.9999 decay a run of a few thousand
+        iterations ends with an average that has stopped following the model (measured on LR-ASPP: EMA val mIoU
+        frozen at 26 % while the model itself reached 32 %)."""
+        window = max(10.0, horizon * total_iters)
+        return cls(model, decay=min(0.9999, 1.0 - 1.0 / window), tau=float(min(2000, max(1, total_iters // 4))))
+
     def current_decay(self) -> float:
         return self.decay * (1.0 - math.exp(-self.updates / self.tau))
 

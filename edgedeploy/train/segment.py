@@ -223,7 +223,6 @@ def train_segmentation(
         reset = _init_from_weights(model, weights)
         print(f"initialised from {weights}" + (f" (re-initialised {len(reset)} output tensors)" if reset else ""))
     model.to(dev)
-    ema_model = ModelEMA(model, tau=200.0) if ema else None  # short runs: let the average follow sooner
     opt = build_optimizer(model, cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     generator = torch.Generator()
     loader = DataLoader(
@@ -235,6 +234,7 @@ def train_segmentation(
         pin_memory=dev.type == "cuda",
         persistent_workers=False,  # the dataset's epoch (augmentation seed) must reach the workers
     )
+    ema_model = ModelEMA.for_run(model, cfg["epochs"] * len(loader)) if ema else None
     sched_cls = WarmupPoly if lr_schedule == "poly" else WarmupCosine
     scheduler = sched_cls(opt, cfg["epochs"], len(loader), warmup_epochs=min(warmup_epochs, cfg["epochs"] / 2))
     scaler = make_grad_scaler(dev, amp)
