@@ -444,18 +444,20 @@ class _Exporter:
             return path
         import onnx
 
-        from edgedeploy.export.int8 import quantize_qdq
+        from edgedeploy.export.int8 import quantize_qdq, resolve_calib_method
 
         t0 = time.perf_counter()
         inputs, skipped, src = self.calibration_inputs()
         model = onnx.load(str(fp32_path))
         excluded = self.adapter.int8_exclusions(model, opts)
-        bar = _progress(opts.progress, len(inputs), "calibrate")
+        method, why = resolve_calib_method(opts.calib_method, fp32_path, len(inputs))
+        bar = _progress(opts.progress, len(inputs), f"calibrate ({method})")
         try:
             facts = quantize_qdq(fp32_path, path, self.input_names[0], inputs, [n for n, _ in excluded], lambda: bar.update(1),
-                                calib_method=opts.calib_method)
+                                calib_method=method)
         finally:
             bar.close()
+        facts["calibration_method_reason"] = why
         acc = self._accuracy(fp32_path, path)
         self.write_onnx_sidecar(path, "int8")
         details = {**facts, "calibration": {"source": src, "images": len(inputs), "skipped_corrupt": skipped},
