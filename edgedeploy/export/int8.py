@@ -90,7 +90,7 @@ def fuse_residual_adds(model) -> list[str]:
     return rewritten
 
 
-HISTOGRAM_MEMORY_BUDGET = 2 << 30  # bytes; also capped at a quarter of this machine's RAM
+HISTOGRAM_MEMORY_BUDGET = 8 << 30  # bytes; also capped at a quarter of this machine's RAM
 
 
 def histogram_calibration_bytes(model_path: str | Path, n_images: int) -> int:

@@ -312,12 +312,12 @@ class DetectAdapter(TaskAdapter):
     def synthetic_images(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         """The synthetic detection dataset's renderer (what `deploy train --data synthetic` learns)."""
         try:
-            from edgedeploy.data.synthetic_detect import render_image
+            from edgedeploy.data.synthetic_detect import SHAPES, render_image
         except ImportError:
             return super().synthetic_images(info, imgsz, n, rng)
         out = []
-        for _ in range(n):
-            img = render_image(rng, imgsz, 3, 4)
+        for _ in range(n):  # every shape class and the training set's object count: calibration sees them all
+            img = render_image(rng, imgsz, len(SHAPES), 8)
             out.append(img[0] if isinstance(img, tuple) else img)
         return out
 
