@@ -247,3 +247,45 @@ def test_int8_exclusions_cover_head_convs_and_decode(tmp_path):
     assert len(convs) == 9  # cls, reg and obj prediction convs on 3 levels; nothing in the backbone
     assert all(any(k in n for k in ("cls_preds", "reg_preds", "obj_preds")) for n in convs)
     assert any(by_name[n].op_type == "Exp" for n in excluded) and any(by_name[n].op_type == "Sigmoid" for n in excluded)
+
+
+def test_labelled_eval_data_gives_coco_map_oracle_one_and_shifted_boxes_lower(tmp_path):
+    """A YOLO split as --eval-data makes the export judge FP16/INT8 by COCO mAP: an oracle that returns the
+    ground truth (mapped into the letterboxed input) scores 1.0, the same boxes shifted by half their size less."""
+    from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
+
+    root = synthetic_detection_dataset(tmp_path / "syn", num_train=2, num_val=8, imgsz=128, seed=3)
+    adapter = get_task_adapter("detect")
+    info = get_model_info("yolox_nano")
+    data = adapter.load_eval_data(info, 128, str(root / "images" / "val"), 6, np.random.default_rng(0))
+    assert data.targets is not None and len(data.inputs) == 6 and data.meta["classes"]
+    ds, geometry = data.targets["dataset"], data.targets["geometry"]
+    assert sum(len(r.classes) for r in ds.records) > 0
+    calls = iter(range(10**6))
+
+    def oracle(shift: float):
+        def run(x):
+            i = next(calls) % len(ds)
+            rec, (scale, (px, py)) = ds[i], geometry[i]
+            boxes = rec.boxes * scale + np.array([px, py, px, py], np.float32)
+            wh = boxes[:, 2:] - boxes[:, :2]
+            boxes = boxes + shift * np.concatenate([wh, wh], 1)
+            k = len(boxes)
+            num = np.array([[k]], np.int64)
+            out_boxes = np.zeros((1, 10, 4), np.float32)
+            out_boxes[0, :k] = boxes
+            scores = np.zeros((1, 10), np.float32)
+            scores[0, :k] = 0.9
+            classes = np.full((1, 10), -1, np.int64)
+            classes[0, :k] = rec.classes
+            return [num, out_boxes, scores, classes]
+        return run
+
+    exact = adapter.evaluate(oracle(0.0), data)
+    assert exact["map50_95"] == pytest.approx(1.0, abs=1e-6) and exact["map50"] == pytest.approx(1.0, abs=1e-6)
+    calls = iter(range(10**6))
+    shifted = adapter.evaluate(oracle(0.5), data)
+    assert shifted["map50"] < 0.5 and shifted["map50_95"] < exact["map50_95"]
+    # the dataset root means its val split; synthetic renders have no labels (agreement only)
+    assert adapter.load_eval_data(info, 128, str(root), 4, np.random.default_rng(0)).targets is not None
+    assert get_task_adapter("detect").load_eval_data(info, 128, "synthetic", 2, np.random.default_rng(0)).targets is None

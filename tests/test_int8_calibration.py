@@ -1,5 +1,5 @@
 """The INT8 calibration methods really differ: on activations with rare outliers, percentile and entropy clip
-(smaller scales) where minmax keeps the full range, and weights are quantized the same way by all three.
+(smaller scales), and so does ema (moving-average minmax), where minmax keeps the full range, and weights are quantized the same way by all three.
 (ONNX Runtime's own "entropy" in quantize_static equals minmax bit for bit: 128 histogram bins into 128.)"""
 
 from __future__ import annotations
@@ -39,14 +39,28 @@ def test_percentile_and_entropy_clip_outliers_minmax_keeps_them(tiny_onnx, tmp_p
             x[0, 0, 5, 5] = 40.0  # one outlier among 196,608 values (beyond the 99.999th percentile)
         calib.append(x)
     scales = {}
-    for method in ("minmax", "percentile", "entropy"):
+    for method in ("minmax", "ema", "percentile", "entropy"):
         out = tmp_path / f"{method}.onnx"
         facts = quantize_qdq(tiny_onnx, out, "images", calib, [], calib_method=method)
         assert facts["calibration_method"] == method and facts["nonzero_zero_points"] == 0
         scales[method] = _scales(out)
-    mm, pc, en = scales["minmax"], scales["percentile"], scales["entropy"]
+    mm, pc, en, ema = scales["minmax"], scales["percentile"], scales["entropy"], scales["ema"]
     assert mm["images"] == pytest.approx(40.0 / 127, rel=1e-3)  # the outlier sets the minmax range
     assert pc["images"] < 0.5 * mm["images"] and en["images"] < 0.5 * mm["images"]
     assert en["images"] != pc["images"]
+    assert ema["images"] < 0.5 * mm["images"]  # a moving average: one outlier image moves the range by ~1 %
     weights = [k for k in mm if k.endswith("weight")]
-    assert weights and all(mm[k] == pc[k] == en[k] for k in weights)
+    assert weights and all(mm[k] == pc[k] == en[k] == ema[k] for k in weights)
+
+
+def test_auto_picks_ema_for_detectors_and_percentile_when_histograms_fit(tiny_onnx):
+    from edgedeploy.export.int8 import histogram_calibration_bytes, resolve_calib_method
+
+    assert resolve_calib_method("auto", tiny_onnx, 16, "detect")[0] == "ema"
+    assert resolve_calib_method("auto", tiny_onnx, 16, "classify")[0] == "percentile"
+    assert resolve_calib_method("minmax", tiny_onnx, 16, "detect") == ("minmax", "chosen by the user")
+    # tiny: input 3x64x64, conv1 out 8x64x64 (= relu in), relu out, conv2 out 4x62x62, all float32, per image
+    per_image = 4 * (3 * 64 * 64 + 8 * 64 * 64 + 8 * 64 * 64 + 4 * 62 * 62)
+    assert histogram_calibration_bytes(tiny_onnx, 10) == 10 * per_image
+    huge = resolve_calib_method("auto", tiny_onnx, 10**7, "classify")
+    assert huge[0] == "minmax" and "GiB" in huge[1]

@@ -41,9 +41,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", metavar="DIR|synthetic", help="INT8 calibration images (default: the "
                         "checkpoint's training images when it records them, else synthetic)")
     parser.add_argument("--calib-images", type=int, default=64)
-    parser.add_argument("--calib-method", choices=("auto", "minmax", "percentile", "entropy"), default="auto",
-                        help="activation range: percentile (clips rare outliers), minmax (memory-bounded), entropy "
-                             "(KL, TensorRT's classic); auto = percentile when its histograms fit in memory, else minmax")
+    parser.add_argument("--calib-method", choices=("auto", "minmax", "ema", "percentile", "entropy"), default="auto",
+                        help="activation range: percentile (clips rare outliers), minmax (memory-bounded), ema "
+                             "(moving-average minmax), entropy (KL, TensorRT's classic); auto = ema for detectors, "
+                             "else percentile when its histograms fit in memory, else minmax")
     parser.add_argument("--eval-data", metavar="DIR|synthetic",
                         help="held-out images for FP16/INT8 accuracy (ImageFolder layout gives top-1; default: the "
                              "checkpoint's val split when it records its dataset, else synthetic)")

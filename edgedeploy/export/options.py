@@ -29,7 +29,7 @@ class ExportOptions:
     int8: bool = False
     calib: str | None = None  # image directory or "synthetic"; None: the checkpoint's training data, else synthetic
     calib_images: int = 64
-    calib_method: str = "auto"  # auto | minmax | percentile | entropy (see export.int8.resolve_calib_method)
+    calib_method: str = "auto"  # auto | minmax | ema | percentile | entropy (see export.int8.resolve_calib_method)
     eval_data: str | None = None  # held-out images for FP16/INT8 accuracy: directory or "synthetic"; None: the
     # checkpoint's validation split when it recorded its (classification) dataset, else synthetic
     eval_images: int = 64

@@ -475,7 +475,7 @@ class _Exporter:
         inputs, skipped, src = self.calibration_inputs()
         model = onnx.load(str(fp32_path))
         excluded = self.adapter.int8_exclusions(model, opts)
-        method, why = resolve_calib_method(opts.calib_method, fp32_path, len(inputs))
+        method, why = resolve_calib_method(opts.calib_method, fp32_path, len(inputs), self.info.task)
         bar = _progress(opts.progress, len(inputs), f"calibrate ({method})")
         try:
             facts = quantize_qdq(fp32_path, path, self.input_names[0], inputs, [n for n, _ in excluded], lambda: bar.update(1),
