@@ -13,7 +13,6 @@ a given seed and is written as an ImageFolder tree that `edgedeploy.data.imagefo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path
 import numpy as np
 
+from edgedeploy.data.cache import synthetic_root
 from edgedeploy.errors import DatasetError
 
 GENERATOR_VERSION = 2
@@ -144,10 +144,7 @@ def synthetic_params(num_classes: int, train_per_class: int, val_per_class: int,
 
 
 def default_synthetic_root(params: dict) -> Path:
-    """`$EDGEDEPLOY_DATA` (default ~/.cache/edgedeploy/datasets) / synthetic-classify-<hash of params>."""
-    base = Path(os.environ.get("EDGEDEPLOY_DATA", Path.home() / ".cache" / "edgedeploy" / "datasets"))
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    return base / f"synthetic-classify-{digest}"
+    return synthetic_root("classify", params)
 
 
 def make_synthetic_classification(

@@ -12,7 +12,6 @@ the original resolution is exercised. Deterministic per seed; written once and r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgedeploy.data.cache import synthetic_root
 from edgedeploy.errors import DatasetError
 
 GENERATOR_VERSION = 1
@@ -105,10 +105,7 @@ def synthetic_params(n_train: int, n_val: int, imgsz: int, seed: int) -> dict:
 
 
 def default_synthetic_root(params: dict) -> Path:
-    """`$EDGEDEPLOY_DATA` (default ~/.cache/edgedeploy/datasets) / synthetic-segment-<hash of params>."""
-    base = Path(os.environ.get("EDGEDEPLOY_DATA", Path.home() / ".cache" / "edgedeploy" / "datasets"))
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    return base / f"synthetic-segment-{digest}"
+    return synthetic_root("segment", params)
 
 
 def make_synthetic_segmentation(
