@@ -51,11 +51,20 @@ def timed_ms(fn: Callable[[], Any], iters: int, sync: Callable[[], None] = lambd
 
 def interleaved(contenders: dict[str, Callable[[], Any]], iters: int, rounds: int,
                 sync: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Median ms of each contender, run in alternating rounds so background load hits all of them alike."""
-    samples: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            samples[name].append(timed_ms(fn, iters, sync))
+    """Median ms of each contender, timed call by call in alternating order (A B, B A, ...): each follows the
+    other equally often, so neither inherits the other's warm caches or spinning worker threads (timing whole
+    blocks in a fixed order made two identical ONNX graphs look 1.11-1.28x apart, benchmarks/export_ort_cpu.py)."""
+    names = list(contenders)
+    for fn in contenders.values():  # warm-up
+        fn()
+        sync()
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(iters * rounds):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            contenders[name]()
+            sync()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
