@@ -140,11 +140,7 @@ class _Pipeline:
         self.input_dtype = self.engine.input.dtype
         self.gpu_pre = None
         if self.engine.backend == "tensorrt" and gpu_preprocess is not False:
-            from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
-
-            self.gpu_pre = GpuPreprocessor(self.imgsz, meta.mean, meta.std, letterbox=meta.letterbox,
-                                           fp16=self.input_dtype == np.float16,
-                                           stream=self.engine.stream)  # type: ignore[attr-defined]
+            self.gpu_pre = _start_gpu_preprocess(self, meta, required=gpu_preprocess is True)
 
     @classmethod
     def from_model(cls, model: Any, *, weights: str | None = None, imgsz: int | None = None, num_classes: int | None = None,
@@ -254,6 +250,25 @@ class _Pipeline:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _start_gpu_preprocess(pipe: "_Pipeline", meta: ArtifactMeta, *, required: bool) -> Any:
+    """The NVRTC preprocessor on the engine's stream; when it cannot start (NVRTC missing, a driver older than the
+    CUDA line, module load refused) and was not explicitly asked for, one warning and CPU preprocessing."""
+    import warnings
+
+    from edgedeploy.runtime.cuda import CudaError
+    from edgedeploy.runtime.gpu_preprocess import GpuPreprocessFallbackWarning, GpuPreprocessor
+
+    try:
+        return GpuPreprocessor(pipe.imgsz, meta.mean, meta.std, letterbox=meta.letterbox,
+                               fp16=pipe.input_dtype == np.float16, stream=pipe.engine.stream)  # type: ignore[attr-defined]
+    except (CudaError, EdgeDeployError) as e:
+        if required:
+            raise
+        warnings.warn(f"GPU preprocessing is unavailable, preprocessing on the CPU instead: {e}",
+                      GpuPreprocessFallbackWarning, stacklevel=4)
+        return None
 
 
 def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:

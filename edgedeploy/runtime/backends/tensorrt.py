@@ -209,7 +209,10 @@ class TensorRTEngine(Engine):
             nbytes = int(np.prod(shape)) * spec.dtype.itemsize
             self.device_buffers[spec.name] = cuda.DeviceBuffer(nbytes, shape, spec.dtype)
             self.host_buffers[spec.name] = cuda.PinnedBuffer(shape, spec.dtype)
-            self.context.set_tensor_address(spec.name, self.device_buffers[spec.name].ptr)
+            if self.context.set_tensor_address(spec.name, self.device_buffers[spec.name].ptr) is False:
+                log = "\n".join(self.logger.messages[-3:]) or "no message"
+                raise EdgeDeployError(f"{self.path.name}: TensorRT refused the device address of {spec.name!r} "
+                                      f"(set_tensor_address returned False).\nTensorRT said: {log}")
 
     # ---- execution --------------------------------------------------------------------------------------------
     def set_input_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
