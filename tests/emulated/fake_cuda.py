@@ -300,7 +300,7 @@ class Kernel:
         source = image[len(_EMU):].decode()
         import re
 
-        entries = re.findall(r"PREPROCESS_ENTRY\((\w+),", source) or [function]
+        entries = re.findall(r"^PREPROCESS_ENTRY\((\w+),", source, re.M) or [function]
         self.lib = cpu_kernels(source, entries)
         if function not in entries:
             raise CudaError(f"cuModuleGetFunction({function}) failed: CUDA_ERROR_NOT_FOUND")

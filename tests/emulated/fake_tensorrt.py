@@ -212,6 +212,9 @@ def module() -> types.ModuleType:
                  "get_plugin_registry", "Runtime"):
         setattr(m, name, globals()[name])
     m.__version__ = VERSION
+    import importlib.machinery
+
+    m.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # find_spec("tensorrt") callers need one
     return m
 
 
@@ -230,7 +233,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: i
     from edgedeploy.engines.sidecar import read_sidecar, write_sidecar
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    head = json.dumps({"max_batch": max_batch, "fp16_io": fp16_io, "compute_capability": compute_capability})
+    head = json.dumps({"max_batch": max_batch, "fp16_io": fp16_io, "compute_capability": compute_capability,
+                       "padding": " " * 1024})  # real plans are far larger than the runtime's truncation check
     engine_path.write_bytes(MAGIC + head.encode() + b"\n" + onnx_path.read_bytes())
     meta = read_sidecar(onnx_path, required=True)
     meta.builder, meta.builder_version, meta.compute_capability = "tensorrt", VERSION, compute_capability
