@@ -268,12 +268,15 @@ def test_gpu_nvrtc_cannot_target_falls_back_and_says_which_extra(gpu, models, mo
 def test_kernel_target_is_a_cubin_for_the_device_or_ptx_the_driver_accepts(gpu):
     from edgedeploy.runtime import cuda
 
-    assert cuda.target_for_device("8.7", [75, 80, 86, 87, 90], 13, 13000) == "sm_87"  # exact cubin
-    assert cuda.target_for_device("12.1", [75, 80, 86, 87, 90], 12, 13000) == "compute_90"  # newer GPU: PTX JIT
+    assert cuda.target_for_device("8.7", [75, 80, 86, 87, 90], (13, 0), 13000) == "sm_87"  # exact cubin
+    assert cuda.target_for_device("8.7", [75, 80, 86, 87, 90], (12, 9), 12020) == "sm_87"  # cubin: any 12.x driver
+    assert cuda.target_for_device("12.1", [75, 80, 86, 87, 90], (12, 6), 13000) == "compute_90"  # newer GPU: PTX
     with pytest.raises(cuda.CudaError, match=r"edgedeploy\[cuda12\]"):  # CUDA 13 PTX on a CUDA 12.6 driver
-        cuda.target_for_device("12.1", [75, 80, 86, 87, 90, 120], 13, 12060)
+        cuda.target_for_device("12.1", [75, 80, 86, 87, 90, 120], (13, 0), 12060)
+    with pytest.raises(cuda.CudaError, match=r"cannot JIT PTX from a newer NVRTC"):  # PTX 12.9 on a 12.2 driver
+        cuda.target_for_device("12.1", [75, 80, 86, 87, 90], (12, 9), 12020)
     with pytest.raises(cuda.CudaError, match=r"cannot compile for compute capability 7.2"):
-        cuda.target_for_device("7.2", [75, 80, 86, 87, 90], 13, 13000)
+        cuda.target_for_device("7.2", [75, 80, 86, 87, 90], (13, 0), 13000)
     from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
 
     GpuPreprocessor((16, 16), (0,) * 3, (1,) * 3, letterbox=True).close()

@@ -381,10 +381,12 @@ def nvrtc_compile(source: str, name: str, arch: str, options: Sequence[str] = ()
     return image
 
 
-def target_for_device(cc: str, supported: Sequence[int], nvrtc_major: int, driver_cuda: int) -> str:
+def target_for_device(cc: str, supported: Sequence[int], nvrtc: tuple[int, int] | int, driver_cuda: int) -> str:
     """The NVRTC target for a GPU of compute capability `cc` ('8.7'): a cubin 'sm_87' when this NVRTC knows the
-    architecture; otherwise PTX for the newest architecture below it (the driver JIT-compiles PTX forward), which
-    needs a driver at least as new as NVRTC's CUDA line. Raises CudaError with the fix when neither works."""
+    architecture (a cubin runs on any driver of the same CUDA major line); otherwise PTX for the newest architecture
+    below it (the driver JIT-compiles PTX forward), whose PTX ISA version only a driver at least as new as NVRTC
+    accepts (CUDA_ERROR_UNSUPPORTED_PTX_VERSION otherwise). Raises CudaError with the fix when neither works."""
+    nvrtc_major, nvrtc_minor = (nvrtc, 0) if isinstance(nvrtc, int) else (int(nvrtc[0]), int(nvrtc[1]))
     want = int(cc.replace(".", ""))
     if want in supported:
         return f"sm_{want}"
@@ -397,6 +399,13 @@ def target_for_device(cc: str, supported: Sequence[int], nvrtc_major: int, drive
         )
     if driver_cuda // 1000 < nvrtc_major:
         raise CudaError(cuda_line_problem(driver_cuda, nvrtc_major) or "driver too old for this NVRTC's PTX")
+    if driver_cuda < nvrtc_major * 1000 + nvrtc_minor * 10:
+        raise CudaError(
+            f"compute capability {cc} is newer than this NVRTC {nvrtc_major}.{nvrtc_minor} knows, so the kernel must "
+            f"be PTX, and the driver (CUDA {format_cuda_version(driver_cuda)}) cannot JIT PTX from a newer NVRTC. "
+            f"Install an NVRTC no newer than the driver (`pip install 'nvidia-cuda-nvrtc"
+            f"{'-cu12' if nvrtc_major == 12 else ''}<={format_cuda_version(driver_cuda)}.999'`) or update the driver"
+        )
     return f"compute_{max(lower)}"
 
 

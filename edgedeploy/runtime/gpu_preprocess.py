@@ -43,7 +43,7 @@ def compile_for_device(device: int = 0) -> bytes:
     """The kernel for this GPU: a cubin for its exact architecture when this NVRTC knows it, else PTX this
     driver's JIT accepts (`cuda.target_for_device` says why not, with the fix, when neither is possible)."""
     cc = cuda.compute_capability(device)
-    target = cuda.target_for_device(cc, cuda.nvrtc_supported_archs(), cuda.nvrtc_version()[0], cuda.driver_version())
+    target = cuda.target_for_device(cc, cuda.nvrtc_supported_archs(), cuda.nvrtc_version(), cuda.driver_version())
     return compile_preprocess_ptx(target)
 
 
