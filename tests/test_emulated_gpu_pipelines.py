@@ -307,3 +307,16 @@ def test_engine_built_for_another_gpu_is_refused_naming_both(gpu, models, tmp_pa
     other.with_suffix(".engine.json").unlink()  # no sidecar: TensorRT itself refuses, and its reason is carried
     with pytest.raises(EngineCompatibilityError, match=r"could not deserialise[\s\S]*incompatible device"):
         Classifier(other, meta=read_sidecar(models["classify"]))
+
+
+def test_refused_engine_points_at_the_onnx_beside_it(gpu, models):
+    from edgedeploy.errors import EngineCompatibilityError
+    from edgedeploy.runtime.pipelines import Classifier
+
+    beside = fake_tensorrt.build_engine(models["classify"], models["classify"].with_name("cls_b.engine"),
+                                        compute_capability="9.0")
+    import shutil
+
+    shutil.copy(models["classify"], beside.with_suffix(".onnx"))
+    with pytest.raises(EngineCompatibilityError, match=r"cls_b.onnx runs on ONNX Runtime"):
+        Classifier(beside)

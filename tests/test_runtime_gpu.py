@@ -112,6 +112,32 @@ def test_gpu_preprocess_gray_bgra_fp16_and_device_frames():
 
 
 @pytest.mark.gpu
+def test_torch_frame_still_being_written_on_torchs_stream_is_waited_for():
+    """The frame's upload is queued behind a long spin on torch's current stream; the kernel runs on our own
+    non-blocking stream and must be ordered after it (torch exports no "stream" in its array interface)."""
+    torch = pytest.importorskip("torch")
+    from edgedeploy.runtime import cuda
+    from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
+
+    host = torch.from_numpy(frame_with_square(480, 640, (100, 80, 400, 300))).pin_memory()
+    pre = GpuPreprocessor((320, 320), (0.0,) * 3, (1.0,) * 3, letterbox=True)
+    buf = cuda.DeviceBuffer(3 * 320 * 320 * 4)
+    frame = torch.zeros(host.shape, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # keeps torch's stream busy for tens of ms
+    frame.copy_(host, non_blocking=True)
+    pre(frame, buf.ptr)
+    del frame  # record_stream keeps the allocator from handing the memory out before the kernel read it
+    out = np.empty((1, 3, 320, 320), np.float32)
+    buf.copy_to_host(out, pre.stream)
+    pre.stream.synchronize()
+    ref, _, _ = to_input_tensor(host.numpy(), (320, 320), (0.0,) * 3, (1.0,) * 3, letterboxed=True)
+    assert np.abs(out - ref).max() <= 1 / 255 + 1e-6
+    buf.free()
+    pre.close()
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replays_preprocess_kernel():
     from edgedeploy.runtime import cuda
     from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor

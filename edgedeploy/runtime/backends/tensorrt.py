@@ -49,6 +49,9 @@ def check_engine_compat(
         f"Rebuild it on this machine: `deploy export --model {meta.model or 'MODEL'} --weights CHECKPOINT "
         f"--builder {runtime_builder}` (engines do not move between TensorRT versions or GPU architectures)."
     )
+    onnx = Path(path).with_suffix(".onnx")
+    if onnx.exists():
+        rebuild += f" Meanwhile {onnx.name} runs on ONNX Runtime (the CPU path): pass it instead of the .engine."
     if meta.builder not in ("tensorrt", "tensorrt-rtx"):
         raise EngineCompatibilityError(f"{name}: sidecar says builder {meta.builder!r}, not a TensorRT engine")
     if meta.builder != runtime_builder:
