@@ -43,6 +43,48 @@ def test_preprocess_kernel_compiles_to_ptx(arch):
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("sm", [75, 87, 90, 120])
+def test_preprocess_kernel_compiles_to_a_cubin_for_the_exact_architecture(sm):
+    from edgedeploy.runtime import cuda
+    from edgedeploy.runtime.gpu_preprocess import compile_preprocess_ptx
+
+    if sm not in cuda.nvrtc_supported_archs():
+        pytest.skip(f"this NVRTC {cuda.nvrtc_version()} does not target sm_{sm}")
+    image = compile_preprocess_ptx(f"sm_{sm}")
+    assert image.startswith(b"\x7fELF")  # machine code: the driver needs no PTX JIT (no PTX-version constraint)
+    assert b"preprocess_f16" in image and b"preprocess_f32" in image
+
+
+def test_missing_nvrtc_library_is_one_clear_error(monkeypatch):
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from edgedeploy.runtime import cuda
+
+    driver, runtime, _ = cuda._bindings()
+
+    class NoNvrtc:
+        def nvrtcVersion(self):
+            raise RuntimeError("Failed to dlopen libnvrtc.so.13")
+
+    monkeypatch.setattr(cuda, "_bindings", lambda: (driver, runtime, NoNvrtc()))
+    with pytest.raises(cuda.CudaError, match=r"NVRTC .*could not be loaded.*edgedeploy\[cuda13\]"):
+        cuda.nvrtc_version()
+
+
+def test_no_driver_is_one_clear_error():
+    pytest.importorskip("cuda.bindings.driver")
+    from edgedeploy.runtime import cuda
+
+    try:
+        cuda.driver_version()
+    except cuda.CudaError as e:
+        assert "no NVIDIA driver" in str(e)
+        with pytest.raises(cuda.CudaError, match="no NVIDIA driver"):
+            cuda.init()
+    else:
+        pytest.skip("this machine has an NVIDIA driver")
+
+
+@needs_nvrtc
 def test_nvrtc_error_carries_the_compiler_log():
     from edgedeploy.runtime.cuda import CudaError, nvrtc_compile
 
