@@ -283,7 +283,9 @@ def test_kernel_target_is_a_cubin_for_the_device_or_ptx_the_driver_accepts(gpu):
     assert gpu.launches["compile:sm_87"] == 1
 
 
-def test_driver_older_than_the_cuda_line_is_one_clear_error(monkeypatch, models):
+def test_driver_older_than_the_cuda_line_is_one_clear_error(monkeypatch, models, tmp_path):
+    from edgedeploy.engines.sidecar import read_sidecar
+
     fake_cuda.install(monkeypatch, driver=12060)  # a JetPack 6 / r5xx driver under the CUDA 13 bindings
     fake_tensorrt.install(monkeypatch)
     from edgedeploy.runtime import cuda
@@ -292,6 +294,13 @@ def test_driver_older_than_the_cuda_line_is_one_clear_error(monkeypatch, models)
     with pytest.raises(cuda.CudaError) as e:
         Classifier(models["classify.engine"])
     assert "supports CUDA 12.6" in str(e.value) and "edgedeploy[cuda12]" in str(e.value)
+    import shutil
+
+    beside = fake_tensorrt.build_engine(models["classify"], tmp_path / "c.engine")
+    shutil.copy(models["classify"], tmp_path / "c.onnx")
+    with pytest.raises(cuda.CudaError, match=r"edgedeploy\[cuda12\].*c.onnx runs on ONNX Runtime"):
+        Classifier(beside)
+    Classifier(tmp_path / "c.onnx", meta=read_sidecar(models["classify"])).close()  # and it does
     assert cuda.cuda_line_problem(12060, 12) is None and cuda.cuda_line_problem(13000, 13) is None
     assert cuda.extra_for_driver(12020) == "cuda12" and cuda.extra_for_driver(13010) == "cuda13"
 

@@ -160,7 +160,13 @@ class TensorRTEngine(Engine):
         check_engine_compat(self.meta, runtime_builder=builder, runtime_version=trt.__version__, device_cc="",
                             path=self.path)
         data = check_engine_file(self.path)
-        cuda.init(device)
+        try:
+            cuda.init(device)
+        except cuda.CudaError as e:  # no driver, no GPU, a driver older than the CUDA line: say what still runs
+            onnx = self.path.with_suffix(".onnx")
+            if onnx.exists():
+                raise cuda.CudaError(f"{e}. Meanwhile {onnx.name} runs on ONNX Runtime (the CPU path).") from e
+            raise
         check_engine_compat(self.meta, runtime_builder=builder, runtime_version=trt.__version__,
                             device_cc=cuda.compute_capability(device), path=self.path)
         check_plugins(trt, self.meta, self.path.name)
@@ -297,13 +303,28 @@ class TensorRTEngine(Engine):
         return results
 
     def close(self) -> None:
-        for buf in list(getattr(self, "device_buffers", {}).values()) + list(getattr(self, "host_buffers", {}).values()):
-            buf.free()
-        if getattr(self, "graph", None) is not None:
-            self.graph.reset()
-        for e in getattr(self, "_events", []):
-            e.close()
+        """Release everything even when one release fails; the first CUDA error is raised at the end."""
+        errors: list[cuda.CudaError] = []
+
+        def attempt(fn) -> None:
+            try:
+                fn()
+            except cuda.CudaError as e:
+                errors.append(e)
+
         if getattr(self, "stream", None) is not None:
-            self.stream.close()
+            attempt(self.stream.synchronize)  # queued work may still use the buffers
+        if getattr(self, "graph", None) is not None:
+            attempt(self.graph.reset)
+        for buf in list(getattr(self, "device_buffers", {}).values()) + list(getattr(self, "host_buffers", {}).values()):
+            attempt(buf.free)
+        for e in getattr(self, "_events", []):
+            attempt(e.close)
+        self._events = []
+        if getattr(self, "stream", None) is not None:
+            attempt(self.stream.close)
+            self.stream = None
         self.context = self.engine = None
         self.device_buffers, self.host_buffers = {}, {}
+        if errors:
+            raise errors[0]
