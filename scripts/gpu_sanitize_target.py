@@ -32,13 +32,17 @@ def main() -> int:
             ref, _, _ = to_input_tensor(frame, dst, mean, std, letterboxed=True)
             s = np.asarray(std, np.float32)[:, None, None]
             worst = max(worst, float(np.abs((out[0].astype(np.float32) - ref[0]) * s * 255).max()))
-        graph = cuda.CudaGraph()
-        dev = torch.from_numpy(frame).cuda()
-        torch.cuda.synchronize()
-        if graph.capture(pre.stream, lambda st: pre(dev, buf.ptr)):
-            graph.launch(pre.stream)
-            pre.stream.synchronize()
-            graph.reset()
+        graph = cuda.CudaGraph()  # a device frame of our own (no foreign stream to wait for inside the capture)
+        dev = cuda.DeviceBuffer(frame.nbytes, frame.shape, np.uint8)
+        dev.copy_from_host(frame, pre.stream)
+        pre(dev, buf.ptr)
+        if not graph.capture(pre.stream, lambda st: pre(dev, buf.ptr)):
+            print(f"graph capture failed: {graph.error}")
+            return 1
+        graph.launch(pre.stream)
+        pre.stream.synchronize()
+        graph.reset()
+        dev.free()
         buf.free()
         pre.close()
     g = torch.Generator().manual_seed(0)

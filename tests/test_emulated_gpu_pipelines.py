@@ -9,6 +9,7 @@ Each GPU-branch result is compared with the CPU branch (ONNX Runtime + OpenCV pr
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import numpy as np
@@ -294,7 +295,7 @@ def test_driver_older_than_the_cuda_line_is_one_clear_error(monkeypatch, models,
     with pytest.raises(cuda.CudaError) as e:
         Classifier(models["classify.engine"])
     assert "supports CUDA 12.6" in str(e.value) and "edgedeploy[cuda12]" in str(e.value)
-    import shutil
+
 
     beside = fake_tensorrt.build_engine(models["classify"], tmp_path / "c.engine")
     shutil.copy(models["classify"], tmp_path / "c.onnx")
@@ -324,7 +325,7 @@ def test_refused_engine_points_at_the_onnx_beside_it(gpu, models):
 
     beside = fake_tensorrt.build_engine(models["classify"], models["classify"].with_name("cls_b.engine"),
                                         compute_capability="9.0")
-    import shutil
+
 
     shutil.copy(models["classify"], beside.with_suffix(".onnx"))
     with pytest.raises(EngineCompatibilityError, match=r"cls_b.onnx runs on ONNX Runtime"):

@@ -9,7 +9,6 @@ CUDA graph captured around it replays exactly those, as a real graph would.
 from __future__ import annotations
 
 import json
-import shutil
 import types
 from enum import IntEnum
 from pathlib import Path
