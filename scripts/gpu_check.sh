@@ -12,7 +12,8 @@
 #   run(carry=[".whl"], timeout_s=540, command="bash scripts/gpu_check.sh")
 # Steps, in priority order (each bounded; later steps are skipped when the time budget runs out):
 #   env, install, gpu+emulated_gpu tests, runtime_targets --device cuda, short GPU training, FP16 accuracy on GPU,
-#   compute-sanitizer memcheck and racecheck on preprocessing+NMS (where compute-sanitizer exists and works).
+#   10,000-frame soak (host and GPU memory flat), compute-sanitizer memcheck and racecheck on preprocessing+NMS
+#   (where compute-sanitizer exists and works).
 # Output: one JSON ($OUT/gpu_check.json) with every step's status, time and figures; the "GPU check" section of
 # docs/BENCHMARKS.md (plus runtime_targets' own section), copied to $OUT so they come back.
 set -uo pipefail
@@ -45,6 +46,7 @@ STEPS=(
   "runtime_targets|150|$PY benchmarks/runtime_targets.py --device cuda --iters 30 --rounds 3 --frames 200 --out $WORK/bench"
   "train|75|$PY -m edgedeploy.cli train --model mobilenetv3_small --data synthetic --epochs 2 --device cuda --quiet --workers 4 --out $WORK/train"
   "fp16_accuracy|45|$PY scripts/gpu_fp16_accuracy.py $WORK/train/best.pt $WORK/fp16_accuracy.json"
+  "soak|45|$PY scripts/gpu_soak.py $WORK/soak.json 10000"
   "memcheck|60|compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all $PY scripts/gpu_sanitize_target.py"
   "racecheck|60|compute-sanitizer --tool racecheck --error-exitcode 3 --target-processes all $PY scripts/gpu_sanitize_target.py"
 )

@@ -59,6 +59,7 @@ def collect(work: Path) -> dict[str, Any]:
         "runtime_targets": _json(bench) if bench else None,
         "train": {"best_pt": (work / "train" / "best.pt").exists(), "val_top1_percent": float(top1[-1]) if top1 else None},
         "fp16_accuracy": _json(work / "fp16_accuracy.json"),
+        "soak": _json(work / "soak.json"),
     }
 
 
@@ -77,6 +78,10 @@ def section(r: dict[str, Any]) -> str:
             f = r["fp16_accuracy"]
             result = (f"top-1 FP32 {100 * f['fp32']['top1']:.2f}% / FP16 {100 * f['fp16']['top1']:.2f}% "
                       f"({f['fp32']['n']} images)")
+        elif s["step"] == "soak" and r["soak"]:
+            g = r["soak"]["growth_after_first_1000_mib"]
+            result = (f"{r['soak']['frames']} frames in {r['soak']['seconds']} s; growth after frame 1000: host "
+                      f"{g['rss_mib']} MiB, GPU {g['gpu_used_mib']} MiB (flat: {r['soak']['flat']})")
         elif s["step"] in ("memcheck", "racecheck"):
             tail = " ".join(s["log_tail"])
             m = re.search(r"ERROR SUMMARY: (\d+) error", tail) or re.search(r"RACECHECK SUMMARY: (\d+) hazard", tail)

@@ -330,3 +330,21 @@ def test_refused_engine_points_at_the_onnx_beside_it(gpu, models):
     shutil.copy(models["classify"], beside.with_suffix(".onnx"))
     with pytest.raises(EngineCompatibilityError, match=r"cls_b.onnx runs on ONNX Runtime"):
         Classifier(beside)
+
+
+def test_a_frame_written_to_the_wrong_batch_slot_shows_as_the_marker(gpu, models, monkeypatch):
+    """Plant the bug of writing every frame of a chunk into slot 0: the other slots keep the device memory's NaN
+    marker bytes (or the previous chunk's data) and the comparison with the CPU branch fails."""
+    from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
+    from edgedeploy.runtime.pipelines import Classifier
+
+    real = GpuPreprocessor.__call__
+    monkeypatch.setattr(GpuPreprocessor, "__call__", lambda self, frame, dst, i=0: real(self, frame, dst, 0))
+    g, c = _pipelines(Classifier, models["classify.engine"], models["classify"])
+    frames = _frames(2, seed=8)
+    got = np.stack([r.probs for r in g.predict_batch(frames)])
+    ref = np.stack([r.probs for r in c.predict_batch(frames)])
+    assert np.isnan(got[1]).all()  # slot 1 was never written: NaN in, NaN out
+    assert not np.allclose(got, ref, atol=0.01, equal_nan=False)
+    g.close()
+    c.close()

@@ -31,7 +31,7 @@ def test_dry_run_prints_steps_and_wheels_and_runs_nothing(tmp_path):
     assert "nothing is executed" in out
     for req in _wheels():
         assert req in out
-    for step in ("env", "install", "tests", "runtime_targets", "train", "fp16_accuracy", "memcheck", "racecheck"):
+    for step in ("env", "install", "tests", "runtime_targets", "train", "fp16_accuracy", "soak", "memcheck", "racecheck"):
         assert f"[{step}]" in out
     assert "--no-index" in out and "-m 'gpu or emulated_gpu'" in out and "--device cuda" in out
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
