@@ -22,7 +22,7 @@ import numpy as np
 from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError, EngineCompatibilityError
 from edgedeploy.runtime import cuda
-from edgedeploy.runtime.engine import DYNAMIC, Engine, TensorSpec, Timing
+from edgedeploy.runtime.engine import DYNAMIC, Capabilities, Engine, TensorSpec, Timing
 
 # Smallest plausible serialized engine: real ones are hundreds of KB; anything tiny is a truncated download.
 MIN_ENGINE_BYTES = 1024
@@ -210,6 +210,16 @@ class TensorRTEngine(Engine):
             self.device_buffers[spec.name] = cuda.DeviceBuffer(nbytes, shape, spec.dtype)
             self.host_buffers[spec.name] = cuda.PinnedBuffer(shape, spec.dtype)
             self.context.set_tensor_address(spec.name, self.device_buffers[spec.name].ptr)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device_buffers=True, stream=True, graph_capture=self.use_cuda_graph,
+                            fp16_io=self.inputs[0].dtype == np.float16)
+
+    def device_input(self, shape: tuple[int, ...]) -> int:
+        name = self.inputs[0].name
+        self.set_input_shapes({name: tuple(int(d) for d in shape)})
+        return self.device_buffers[name].ptr
 
     # ---- execution --------------------------------------------------------------------------------------------
     def set_input_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
