@@ -1,0 +1,377 @@
+"""The one GPU pipeline (issue 17) on every GPU backend, run on the CPU with stand-ins (marker `emulated_gpu`).
+
+`HostCuda` stands in for `edgedeploy.runtime.cuda`: device buffers live in host memory pre-filled with a marker
+byte (an output the code forgot to write shows up), streams keep a log of what was enqueued on them, and the
+preprocessing "kernel" does on the CPU what the NVRTC kernel does (its own arithmetic is checked against OpenCV by
+the g++-compiled kernel tests of issue 15): read the frame at the source pointer with the given pitch and channel
+count, resize into the letterbox geometry it was handed, normalise, and write NCHW at the destination pointer.
+
+What runs for real: the pipeline's GPU branch (capabilities, chunking, batch-index addressing, device frames and
+their device check, output collection, NMS and box mapping), the PyTorch backend's device I/O (its input tensor
+per shape, written through its address), and the ONNX Runtime CUDA backend's I/O binding (bound to host buffers on
+the CPU provider). What only a GPU shows: real CUDA streams and events, CUDA-graph capture, the kernel on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from edgedeploy.errors import EdgeDeployError, InputError
+from edgedeploy.runtime import Classifier, Detector, Segmenter
+from edgedeploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+from edgedeploy.runtime.backends.torch import TorchEngine
+from edgedeploy.runtime.engine import Capabilities
+from test_runtime_models import (
+    OracleDetector,
+    frame_with_square,
+    make_classifier_onnx,
+    make_detector_onnx,
+    make_segmenter_onnx,
+)
+
+pytestmark = pytest.mark.emulated_gpu
+MARKER = 0xA5
+
+
+def _host_view(ptr: int, nbytes: int) -> np.ndarray:
+    return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(ptr))
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.closed = False
+
+    @property
+    def ptr(self) -> int:
+        return id(self)
+
+    handle = ptr
+
+    def synchronize(self) -> None:
+        self.log.append(("sync",))
+
+    def wait_for(self, producer: int) -> None:
+        self.log.append(("wait", producer))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Event:
+    def record(self, stream) -> None:
+        stream.log.append(("event",))
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_ms(self, start) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
+
+
+class _DeviceBuffer:
+    """Host memory standing in for device memory; no `__cuda_array_interface__` (it is not on a GPU)."""
+
+    def __init__(self, nbytes, shape=(), dtype=np.uint8) -> None:
+        self.nbytes = max(int(nbytes), 1)
+        self.shape = tuple(shape) or (self.nbytes,)
+        self.dtype = np.dtype(dtype)
+        self._mem = np.full(self.nbytes, MARKER, np.uint8)
+        self.ptr = self._mem.ctypes.data
+
+    def copy_from_host(self, host, stream) -> None:
+        self._mem[: host.nbytes] = np.ascontiguousarray(host).view(np.uint8).reshape(-1)
+        stream.log.append(("h2d", self.ptr))
+
+    def copy_to_host(self, host, stream) -> None:
+        host.reshape(-1).view(np.uint8)[:] = self._mem[: host.nbytes]
+        stream.log.append(("d2h", self.ptr))
+
+    def free(self) -> None:
+        self.ptr = 0
+
+
+class _PinnedBuffer:
+    def __init__(self, shape, dtype) -> None:
+        self.array = np.full(shape, 0, dtype)
+        self.nbytes = self.array.nbytes
+        self.ptr = self.array.ctypes.data
+
+    def free(self) -> None:
+        self.ptr = 0
+
+
+class _Kernel:
+    def __init__(self, ptx, function) -> None:
+        self.name = function
+        self.launches = 0
+
+    def launch(self, grid, block, args, stream) -> None:
+        import cv2
+
+        v = [a for a, _ in args]
+        src, h, w, pitch, c, dst, dh, dw, new_h, new_w, px, py, pad = v[:13]
+        mean, inv_std = np.array(v[13:16], np.float32), np.array(v[16:19], np.float32)
+        rows = _host_view(src, (h - 1) * pitch + w * c).copy()
+        img = np.stack([rows[y * pitch: y * pitch + w * c] for y in range(h)]).reshape(h, w, c)
+        img = np.repeat(img, 3, axis=2) if c == 1 else img[:, :, :3]
+        canvas = np.full((dh, dw, 3), pad, np.float32)
+        resized = img if (new_h, new_w) == (h, w) else cv2.resize(img, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        canvas[py: py + new_h, px: px + new_w] = resized
+        x = ((canvas[:, :, ::-1] / 255.0 - mean) * inv_std).transpose(2, 0, 1)
+        dtype = np.float16 if self.name.endswith("f16") else np.float32
+        out = np.ascontiguousarray(x.astype(dtype))
+        _host_view(dst, out.nbytes)[:] = out.view(np.uint8).reshape(-1)
+        self.launches += 1
+        stream.log.append(("kernel", dst))
+
+
+def make_host_cuda() -> types.ModuleType:
+    from edgedeploy.runtime import cuda as real
+
+    m = types.ModuleType("edgedeploy.runtime.cuda")
+    m.CudaError = real.CudaError
+    m.init = lambda device=0: None
+    m.compute_capability = lambda device=0: "8.6"
+    m.Stream, m.Event, m.DeviceBuffer, m.PinnedBuffer, m.Kernel = _Stream, _Event, _DeviceBuffer, _PinnedBuffer, _Kernel
+    m.nvrtc_compile = lambda source, name, arch, options=(): b"// emulated"
+    return m
+
+
+@pytest.fixture
+def host_cuda(monkeypatch):
+    import edgedeploy.runtime as rt
+    from edgedeploy.runtime import gpu_preprocess
+    from edgedeploy.runtime.backends import onnxruntime_cuda
+
+    fake = make_host_cuda()
+    monkeypatch.setitem(sys.modules, "edgedeploy.runtime.cuda", fake)
+    monkeypatch.setattr(rt, "cuda", fake, raising=False)
+    for mod in (gpu_preprocess, onnxruntime_cuda):
+        monkeypatch.setattr(mod, "cuda", fake)
+    # never let the process-wide PTX cache see the stand-in's "PTX"
+    monkeypatch.setattr(gpu_preprocess, "compile_preprocess_ptx", lambda arch: b"// emulated")
+    return fake
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("gpu_pipelines")
+
+
+FRAMES = [((480, 640), (101, 53, 297, 211)), ((300, 170), (20, 150, 90, 260)), ((64, 64), (5, 9, 30, 40))]
+
+
+def _frames():
+    return [frame_with_square(*hw, box) for hw, box in FRAMES]
+
+
+def _same_detections(a, b, atol=1e-3):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert len(x) == len(y) >= 1
+        np.testing.assert_allclose(x.boxes, y.boxes, atol=atol)
+        np.testing.assert_allclose(x.scores, y.scores, atol=1e-5)
+        assert x.classes.tolist() == y.classes.tolist()
+
+
+class HostDeviceFrame:
+    """A frame "on the GPU" (`__cuda_array_interface__` + DLPack device), its memory on the host (row pitch can
+    exceed width * channels, like a region of interest)."""
+
+    def __init__(self, frame: np.ndarray, device: int = 0, extra_pitch: int = 0) -> None:
+        h, w, c = frame.shape
+        self._mem = np.zeros((h, w * c + extra_pitch), np.uint8)
+        self._mem[:, : w * c] = frame.reshape(h, w * c)
+        self.shape, self.device_id = frame.shape, device
+        self.__cuda_array_interface__ = {"shape": frame.shape, "typestr": "|u1", "version": 3,
+                                         "data": (self._mem.ctypes.data, False),
+                                         "strides": (w * c + extra_pitch, c, 1)}
+
+    def __dlpack_device__(self):
+        return (2, self.device_id)  # kDLCUDA
+
+
+def _torch_detector(**kw) -> Detector:
+    model = OracleDetector()
+    model.model_info = types.SimpleNamespace(name="oracle", task="detect", imgsz=64, mean=(0.485, 0.456, 0.406),
+                                             std=(0.229, 0.224, 0.225), letterbox=True)
+    return Detector.from_model(model, device="cpu", **kw)
+
+
+# ---- PyTorch backend ----------------------------------------------------------------------------------------------
+def test_torch_device_path_equals_cpu_path_and_uses_the_engines_stream(host_cuda):
+    cpu = _torch_detector()
+    gpu = _torch_detector(device_io=True)
+    assert cpu.gpu_pre is None and gpu.gpu_pre is not None
+    caps = gpu.engine.capabilities
+    assert caps == Capabilities(device_buffers=True, stream=True, graph_capture=False, fp16_io=False)
+    assert gpu.gpu_pre.stream is gpu.engine.stream, "kernel and model must share one stream"
+    frames = _frames()
+    want = cpu.predict_batch(frames)
+    got = gpu.predict_batch(frames)
+    _same_detections(got, want)
+    for (hw, box), d in zip(FRAMES, got):  # and both are right in frame pixels
+        np.testing.assert_allclose(d.boxes[0], box, atol=max(hw) / 64 + 1)
+    kernels = [e for e in gpu.engine.stream.log if e[0] == "kernel"]
+    base = gpu.engine._static_in[(3, 3, 64, 64)].data_ptr()
+    assert [k[1] for k in kernels] == [base + i * 3 * 64 * 64 * 4 for i in range(3)]  # image i at offset i
+    stream = gpu.engine.stream
+    gpu.close()
+    assert stream.closed and gpu.engine._stream is None
+
+
+def test_torch_device_path_chunks_past_max_batch_and_device_frames(host_cuda):
+    cpu, gpu = _torch_detector(), _torch_detector(device_io=True)
+    gpu.engine.max_batch = 2  # 3 frames -> chunks of 2 + 1: outputs of the first chunk must survive the second
+    frames = _frames()
+    dev_frames = [HostDeviceFrame(f, extra_pitch=5) for f in frames]
+    got = gpu.predict_batch([dev_frames[0], frames[1], dev_frames[2]])
+    _same_detections(got, cpu.predict_batch(frames))
+    assert sorted(gpu.engine._static_in) == [(1, 3, 64, 64), (2, 3, 64, 64)]
+
+
+def test_emulation_catches_a_wrong_batch_index(host_cuda, monkeypatch):
+    """Planted error: every frame written into slot 0. The slots left unwritten (NaN-filled here) must make the
+    results differ from the CPU path, so the equality above is a real check."""
+    gpu = _torch_detector(device_io=True)
+    real_input = gpu.engine.device_input
+
+    def nan_filled(shape):
+        ptr = real_input(shape)
+        gpu.engine._static_in[tuple(shape)].fill_(float("nan"))
+        return ptr
+
+    monkeypatch.setattr(gpu.engine, "device_input", nan_filled)
+    frames = _frames()
+    right = gpu.predict_batch(frames)
+    _same_detections(right, _torch_detector().predict_batch(frames))
+    pre = gpu.gpu_pre
+    gpu.gpu_pre = lambda f, ptr, i: pre(f, ptr, 0)
+    wrong = gpu.predict_batch(frames)
+    assert [len(d) for d in wrong] != [len(d) for d in right] or not np.allclose(wrong[0].boxes, right[0].boxes)
+
+
+def test_device_frame_on_another_gpu_is_refused_with_both_numbers(host_cuda):
+    gpu = _torch_detector(device_io=True)
+    frame = HostDeviceFrame(_frames()[0], device=1)
+    with pytest.raises(InputError, match=r"frame is on GPU 1, the engine runs on GPU 0.*cuda:0"):
+        gpu(frame)
+
+
+def test_cpu_torch_tensor_frame_takes_the_host_path(host_cuda):
+    gpu = _torch_detector(device_io=True)
+    frame = _frames()[0]
+    d = gpu(torch.from_numpy(frame))  # DLPack device CPU: a host frame
+    np.testing.assert_allclose(d.boxes[0], FRAMES[0][1], atol=480 / 64 + 1)
+
+
+def test_gpu_path_that_cannot_start_falls_back_to_cpu_with_one_warning(monkeypatch):
+    """The real `runtime.cuda` whose driver call fails (as on a machine without a GPU): the pipeline warns once
+    and serves on the CPU path; `gpu_preprocess=True` makes it an error."""
+    from edgedeploy.runtime import cuda
+
+    def no_gpu(device=0):
+        raise cuda.CudaError("cuInit failed: no NVIDIA driver on this machine")
+
+    monkeypatch.setattr(cuda, "init", no_gpu)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det = _torch_detector(device_io=True)
+    assert det.gpu_pre is None
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == [
+        "GPU preprocessing unavailable, using the CPU path: cuInit failed: no NVIDIA driver on this machine"]
+    assert len(det(_frames()[0])) == 1
+    with pytest.raises(EdgeDeployError, match="cuInit failed"):
+        _torch_detector(device_io=True, gpu_preprocess=True)
+
+
+def test_capabilities_are_declared_by_the_engines(tmp):
+    clf_path, model = make_classifier_onnx(tmp)
+    assert OnnxRuntimeEngine(clf_path, device="cpu").capabilities == Capabilities()
+    assert TorchEngine(model, input_shape=(-1, 3, 32, 32), device="cpu").capabilities == Capabilities()
+    half = TorchEngine(model, input_shape=(-1, 3, 32, 32), device="cpu", half=True, device_io=True)
+    assert half.capabilities.fp16_io and half.capabilities.device_buffers
+    with pytest.raises(EdgeDeployError, match="takes no device buffers"):
+        Classifier(clf_path, device="cpu", gpu_preprocess=True)
+
+
+# ---- ONNX Runtime CUDA backend (I/O binding) ----------------------------------------------------------------------
+def _ort_cuda(path):
+    from edgedeploy.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaEngine
+
+    return OnnxRuntimeCudaEngine(path, io_device="cpu")
+
+
+def test_ort_cuda_io_binding_path_equals_cpu_path_for_every_task(host_cuda, tmp):
+    det_path = make_detector_onnx(tmp)
+    frames = _frames()
+    cpu = Detector(det_path, device="cpu")
+    gpu = Detector(_ort_cuda(det_path))
+    assert gpu.gpu_pre is not None and gpu.gpu_pre.stream is gpu.engine.stream
+    _same_detections(gpu.predict_batch(frames), cpu.predict_batch(frames))
+    assert gpu.engine._in_buf.nbytes >= 3 * 3 * 64 * 64 * 4
+
+    clf_path, _ = make_classifier_onnx(tmp)
+    want = Classifier(clf_path, device="cpu").predict_batch(frames)
+    got = Classifier(_ort_cuda(clf_path)).predict_batch(frames)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)
+
+    seg_path = make_segmenter_onnx(tmp)
+    want = Segmenter(seg_path, device="cpu").predict_batch(frames)
+    got = Segmenter(_ort_cuda(seg_path)).predict_batch(frames)
+    for a, b in zip(got, want):
+        assert (a.mask == b.mask).all() and a.mask.sum() > 0
+
+
+def test_ort_gpu_install_problems_name_the_fix():
+    from edgedeploy.runtime.backends.onnxruntime_cuda import OrtGpuInstallError, check_ort_gpu_install
+
+    def dists(*names):
+        return [types.SimpleNamespace(metadata={"Name": n}) for n in names]
+
+    with pytest.raises(OrtGpuInstallError, match=r"both the CPU package `onnxruntime` and `onnxruntime-gpu`.*"
+                                                 r"pip uninstall -y onnxruntime onnxruntime-gpu"):
+        check_ort_gpu_install(["CUDAExecutionProvider", "CPUExecutionProvider"], dists("onnxruntime", "onnxruntime-gpu"))
+    with pytest.raises(OrtGpuInstallError, match=r"needs the `onnxruntime-gpu` package.*edgedeploy\[ort-gpu\]"):
+        check_ort_gpu_install(["CPUExecutionProvider"], dists("onnxruntime"))
+    check_ort_gpu_install(["CUDAExecutionProvider", "CPUExecutionProvider"], dists("onnxruntime-gpu"))  # fine
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider")
+def test_ort_gpu_without_usable_cuda_is_refused_not_silently_cpu(host_cuda, tmp, monkeypatch):
+    """onnxruntime-gpu whose CUDA provider cannot load (no CUDA/cuDNN): ORT falls back to the CPU with only a log
+    line; the engine refuses instead, naming the fix. Here the CPU build plays that install."""
+    import onnxruntime as ort
+
+    from edgedeploy.runtime.backends import onnxruntime_cuda as oc
+
+    path, _ = make_classifier_onnx(tmp)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(oc, "_ort_distributions", lambda dists=None: {"onnxruntime-gpu"})
+    with pytest.raises(oc.OrtGpuInstallError, match=r"could not start its CUDA execution provider.*cuDNN.*"
+                                                    r"onnxruntime-gpu\[cuda,cudnn\]"):
+        oc.OnnxRuntimeCudaEngine(path)
+
+
+def test_ort_cuda_on_this_cpu_install_says_what_to_install(tmp):
+    from edgedeploy.runtime import load_engine
+
+    path, _ = make_classifier_onnx(tmp)
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has onnxruntime-gpu")
+    with pytest.raises(EdgeDeployError, match="onnxruntime-gpu"):
+        load_engine(path, device="cuda")
