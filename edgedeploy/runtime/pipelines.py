@@ -418,32 +418,41 @@ class Detector(_Pipeline):
         return [self._to_frame(rows, g) for rows, g in zip(rows_per_image, geoms)]
 
     def _final_rows(self, outs: dict[str, Any]) -> list[np.ndarray]:
-        """Per image an array [K, 6] (x1, y1, x2, y2, score, class) in input-tensor pixels."""
-        if "num_dets" in outs or len(outs) == 4:  # NMS inside the engine: fixed-size padded outputs
-            num = _to_numpy(_pick(outs, ("num_dets", "num_detections"), 0)).reshape(-1)
-            boxes = _to_numpy(_pick(outs, ("boxes", "det_boxes", "detection_boxes"), 1))
-            scores = _to_numpy(_pick(outs, ("scores", "det_scores", "detection_scores"), 2))
-            classes = _to_numpy(_pick(outs, ("classes", "det_classes", "detection_classes"), 3))
-            rows = []
-            for i, n in enumerate(num.tolist()):
-                n = min(int(n), self.max_det)
-                keep = scores[i, :n] > self.conf_thres
-                rows.append(np.concatenate([boxes[i, :n][keep], scores[i, :n][keep, None],
-                                            classes[i, :n][keep, None].astype(np.float32)], axis=1))
-            return rows
-        from edgedeploy.runtime.nms import batched_detections
-
-        boxes = _pick(outs, ("boxes",), 0)
-        scores = _pick(outs, ("scores",), 1)
-        dets = batched_detections(boxes, scores, conf_thres=self.conf_thres, iou_thres=self.iou_thres,
-                                  max_det=self.max_det, agnostic=self.agnostic)
-        return [_to_numpy(d) for d in dets]  # only the final detections leave the device
+        return detection_rows(outs, conf_thres=self.conf_thres, iou_thres=self.iou_thres, max_det=self.max_det,
+                              agnostic=self.agnostic)
 
     def _to_frame(self, rows: np.ndarray, g: _Geometry) -> Detections:
         from edgedeploy.runtime.nms import boxes_to_frame
 
         boxes = boxes_to_frame(rows[:, :4], g.scale, g.pad, g.h, g.w)
         return Detections(boxes, rows[:, 4].astype(np.float32), rows[:, 5].astype(np.int64), self.names)
+
+
+def detection_rows(outs: dict[str, Any], *, conf_thres: float, iou_thres: float, max_det: int,
+                   agnostic: bool = False) -> list[np.ndarray]:
+    """A detector's outputs -> per image an array [K, 6] (x1, y1, x2, y2, score, class) in input-tensor pixels:
+    NMS inside the engine (num_dets + padded boxes/scores/classes: read the first num_dets) or candidates
+    (boxes [B,N,4], scores [B,N,C]: `runtime.nms.batched_detections` on their device). Also the Triton
+    postprocess step's."""
+    if "num_dets" in outs or len(outs) == 4:  # NMS inside the engine: fixed-size padded outputs
+        num = _to_numpy(_pick(outs, ("num_dets", "num_detections"), 0)).reshape(-1)
+        boxes = _to_numpy(_pick(outs, ("boxes", "det_boxes", "detection_boxes"), 1))
+        scores = _to_numpy(_pick(outs, ("scores", "det_scores", "detection_scores"), 2))
+        classes = _to_numpy(_pick(outs, ("classes", "det_classes", "detection_classes"), 3))
+        rows = []
+        for i, n in enumerate(num.tolist()):
+            n = min(int(n), max_det)
+            keep = scores[i, :n] > conf_thres
+            rows.append(np.concatenate([boxes[i, :n][keep], scores[i, :n][keep, None],
+                                        classes[i, :n][keep, None].astype(np.float32)], axis=1))
+        return rows
+    from edgedeploy.runtime.nms import batched_detections
+
+    boxes = _pick(outs, ("boxes",), 0)
+    scores = _pick(outs, ("scores",), 1)
+    dets = batched_detections(boxes, scores, conf_thres=conf_thres, iou_thres=iou_thres,
+                              max_det=max_det, agnostic=agnostic)
+    return [_to_numpy(d) for d in dets]  # only the final detections leave the device
 
 
 class Segmenter(_Pipeline):
