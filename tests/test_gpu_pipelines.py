@@ -375,3 +375,48 @@ def test_ort_cuda_on_this_cpu_install_says_what_to_install(tmp):
         pytest.skip("this machine has onnxruntime-gpu")
     with pytest.raises(EdgeDeployError, match="onnxruntime-gpu"):
         load_engine(path, device="cuda")
+
+
+class _ReplayGraph:
+    """Stands in for `torch.cuda.CUDAGraph` with its semantics: capture fixes the input and output tensors; a
+    replay recomputes into those same output tensors from whatever the static input holds now."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.replays = engine, 0
+
+    def replay(self) -> None:
+        shape = self.engine._shape
+        static_out = self.engine._graphs[shape][1]
+        fresh = self.engine._named(self.engine.model(self.engine._static_in[shape]))
+        for k, v in static_out.items():
+            v.copy_(fresh[k])
+        self.replays += 1
+
+
+def test_torch_graph_replay_buffers_survive_chunking(host_cuda, monkeypatch):
+    """CUDA-graph bookkeeping of the PyTorch backend: one graph per input shape, replays read the static input the
+    kernel wrote, and outputs of a chunk survive the next chunk's replay of the same graph (4 frames, max batch 2)."""
+    import contextlib
+
+    cpu, gpu = _torch_detector(), _torch_detector(device_io=True)
+    eng = gpu.engine
+    graphs = []
+
+    def new_graph():
+        graphs.append(_ReplayGraph(eng))
+        return graphs[-1]
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, stream=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(synchronize=lambda: 0))
+    eng.use_cuda_graph, eng.max_batch = True, 2
+    frames = _frames() + [frame_with_square(240, 320, (200, 30, 260, 200))]
+    want = cpu.predict_batch(frames)
+    for _ in range(2):
+        _same_detections(gpu.predict_batch(frames), want)
+        _same_detections(gpu.predict_batch(frames[::-1]), want[::-1])
+    assert len(graphs) == 1 and graphs[0].replays == 8 and eng.graph_error is None
+    # planted error: chunks not copied out before the next replay -> the first chunk reads the second's results
+    monkeypatch.setattr(gpu, "_collect", lambda copy: type(gpu)._collect(gpu, copy=False))
+    got = gpu.predict_batch(frames)
+    assert not all(np.allclose(g.boxes, w.boxes, atol=1e-3) for g, w in zip(got, want) if len(g) == len(w))
