@@ -11,7 +11,9 @@
 # (scripts/gpu_wheels.txt), installed with --no-index. The device call, from the repository root:
 #   run(carry=[".whl"], timeout_s=540, command="bash scripts/gpu_check.sh")
 # Steps, in priority order (each bounded; later steps are skipped when the time budget runs out):
-#   env, install, gpu+emulated_gpu tests, runtime_targets --device cuda, short GPU training, FP16 accuracy on GPU,
+#   env, install, the one GPU pipeline on PyTorch CUDA / ORT CUDA (tests/test_gpu_pipelines_cuda.py), the other
+#   gpu+emulated_gpu tests, runtime_targets --device cuda (its overhead and camera figures include PyTorch CUDA
+#   with GPU preprocessing + CUDA graph, the GPU backend this machine has), short GPU training, FP16 accuracy on GPU,
 #   10,000-frame soak (host and GPU memory flat), compute-sanitizer memcheck and racecheck on preprocessing+NMS
 #   (where compute-sanitizer exists and works).
 # Output: one JSON ($OUT/gpu_check.json) with every step's status, time and figures; the "GPU check" section of
@@ -31,7 +33,7 @@ MODE=run
 case "${1:-}" in
   --dry-run) MODE=dry ;;
   --fetch-wheels) MODE=fetch ;;
-  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
   "") ;;
   *) echo "gpu_check.sh: unknown option $1 (use --dry-run, --fetch-wheels or nothing)" >&2; exit 2 ;;
 esac
@@ -42,7 +44,8 @@ wheels() { grep -v '^\s*#' "$ROOT/scripts/gpu_wheels.txt" | sed '/^\s*$/d'; }
 STEPS=(
   "env|30|rc=0; nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv,noheader || rc=1; $PY -c 'import torch,sys;print(sys.version.split()[0],torch.__version__,torch.version.cuda,torch.cuda.get_device_name(0))' || rc=1; $PY -m edgedeploy.cli doctor --json > $WORK/doctor.json || rc=1; cat $WORK/doctor.json; exit \$rc"
   "install|90|$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $WORK/site $WHEELS_DIR/*.whl && $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target $WORK/site . && $PY -c 'import edgedeploy,onnxslim,onnxconverter_common,pycocotools;print(edgedeploy.__file__)'"
-  "tests|170|$PY -m pytest -q -p no:cacheprovider -m 'gpu or emulated_gpu' --continue-on-collection-errors --timeout 120 -o addopts='-ra' --junitxml=$WORK/tests.xml tests"
+  "gpu_pipelines|60|$PY -m pytest -q -p no:cacheprovider -m gpu --timeout 50 -o addopts='-ra' --junitxml=$WORK/gpu_pipelines.xml tests/test_gpu_pipelines_cuda.py"
+  "tests|160|$PY -m pytest -q -p no:cacheprovider -m 'gpu or emulated_gpu' --continue-on-collection-errors --timeout 120 -o addopts='-ra' --junitxml=$WORK/tests.xml --ignore=tests/test_gpu_pipelines_cuda.py tests"
   "runtime_targets|150|$PY benchmarks/runtime_targets.py --device cuda --iters 30 --rounds 3 --frames 200 --out $WORK/bench"
   "train|75|$PY -m edgedeploy.cli train --model mobilenetv3_small --data synthetic --epochs 2 --device cuda --quiet --workers 4 --out $WORK/train"
   "fp16_accuracy|45|$PY scripts/gpu_fp16_accuracy.py $WORK/train/best.pt $WORK/fp16_accuracy.json"

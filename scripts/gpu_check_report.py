@@ -55,6 +55,7 @@ def collect(work: Path) -> dict[str, Any]:
         "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "gpu": gpu.get("detail"), "cuda_line": line.get("detail"),
         "steps": steps,
+        "gpu_pipelines": _tests(work / "gpu_pipelines.xml"),
         "tests": _tests(work / "tests.xml"),
         "runtime_targets": _json(bench) if bench else None,
         "train": {"best_pt": (work / "train" / "best.pt").exists(), "val_top1_percent": float(top1[-1]) if top1 else None},
@@ -63,14 +64,29 @@ def collect(work: Path) -> dict[str, Any]:
     }
 
 
+def gpu_figures(rt: dict[str, Any]) -> str:
+    """The overhead and camera figures of the GPU backends runtime_targets measured (PyTorch CUDA where TensorRT is
+    absent), from its JSON."""
+    sec = rt.get("sections", {})
+    parts = []
+    for name, row in sec.get("overhead", {}).get("rows", {}).items():
+        if name != "torch-cpu" and "overhead" in row:
+            parts.append(f"overhead {name} {100 * row['overhead']:+.1f}% (target <= 5%)")
+    for run in sec.get("camera", {}).get("runs", []):
+        if run.get("gpu_preprocess"):
+            parts.append(f"camera {run['detector']}: {run['camera_fps']:.1f} vs {run['bare_fps']:.1f} FPS bare "
+                         f"= {100 * run['ratio']:.0f}% (target >= 90%)")
+    return "; ".join(parts) or "no GPU backend figure"
+
+
 def section(r: dict[str, Any]) -> str:
     lines = [SECTION, "",
              f"Run {r['when']} on {r['gpu'] or 'an unknown GPU'} ({r['cuda_line'] or 'CUDA line unknown'}).", "",
              "| step | status | s | result |", "|---|---|---|---|"]
     for s in r["steps"]:
         result = ""
-        if s["step"] == "tests" and r["tests"]:
-            t = r["tests"]
+        if s["step"] in ("tests", "gpu_pipelines") and r.get(s["step"]):
+            t = r[s["step"]]
             result = f"{t['tests']} tests: {t['failures'] + t['errors']} failed, {t['skipped']} skipped"
         elif s["step"] == "train" and r["train"]["val_top1_percent"] is not None:
             result = f"val top-1 {r['train']['val_top1_percent']:.1f}% after 2 epochs"
@@ -87,7 +103,8 @@ def section(r: dict[str, Any]) -> str:
             m = re.search(r"ERROR SUMMARY: (\d+) error", tail) or re.search(r"RACECHECK SUMMARY: (\d+) hazard", tail)
             result = f"{m.group(1)} errors/hazards" if m else s["note"]
         elif s["step"] == "runtime_targets":
-            result = "see 'Runtime targets (cuda)' below" if r["runtime_targets"] else s["note"]
+            result = (gpu_figures(r["runtime_targets"]) + "; all figures in 'Runtime targets (cuda)' below"
+                      if r["runtime_targets"] else s["note"])
         else:
             result = s["note"]
         lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | {result} |")

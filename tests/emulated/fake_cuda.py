@@ -238,6 +238,20 @@ class PinnedBuffer:
             LEDGER.destroyed["pinned_alloc"] += 1
 
 
+def adopt(mem: np.ndarray) -> None:
+    """Register host memory that another allocator owns (a CPU torch tensor standing in for memory from torch's CUDA
+    caching allocator) as live device memory, pre-filled with MARKER. Not counted in the leak ledger: its owner
+    frees it."""
+    mem = mem.reshape(-1).view(np.uint8)
+    mem[:] = MARKER
+    LEDGER.allocations[int(mem.ctypes.data)] = _Adopted(mem)  # type: ignore[assignment]
+
+
+class _Adopted:
+    def __init__(self, mem: np.ndarray) -> None:
+        self._mem, self.nbytes = mem, mem.nbytes
+
+
 # ---- graphs ------------------------------------------------------------------------------------------------------------
 class CudaGraph:
     def __init__(self) -> None:

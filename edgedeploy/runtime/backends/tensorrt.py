@@ -22,7 +22,7 @@ import numpy as np
 from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError, EngineCompatibilityError
 from edgedeploy.runtime import cuda
-from edgedeploy.runtime.engine import DYNAMIC, Engine, TensorSpec, Timing
+from edgedeploy.runtime.engine import DYNAMIC, Capabilities, Engine, TensorSpec, Timing
 
 # Smallest plausible serialized engine: real ones are hundreds of KB; anything tiny is a truncated download.
 MIN_ENGINE_BYTES = 1024
@@ -222,6 +222,16 @@ class TensorRTEngine(Engine):
                 log = "\n".join(self.logger.messages[-3:]) or "no message"
                 raise EdgeDeployError(f"{self.path.name}: TensorRT refused the device address of {spec.name!r} "
                                       f"(set_tensor_address returned False).\nTensorRT said: {log}")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device_buffers=True, stream=True, graph_capture=self.use_cuda_graph,
+                            fp16_io=self.inputs[0].dtype == np.float16)
+
+    def device_input(self, shape: tuple[int, ...]) -> int:
+        name = self.inputs[0].name
+        self.set_input_shapes({name: tuple(int(d) for d in shape)})
+        return self.device_buffers[name].ptr
 
     # ---- execution --------------------------------------------------------------------------------------------
     def set_input_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
