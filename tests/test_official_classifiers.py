@@ -209,3 +209,22 @@ def test_model_options_are_validated_and_defaults_unchanged():
         create_model("mobilenetv1_025", act="gelu")
     assert create_model("shufflenetv1_g3_x1_0").classifier.bias is not None
     assert isinstance(create_model("mobilenetv1_025").features[0][2], torch.nn.ReLU)
+
+
+@pytest.mark.parametrize(
+    "file,name,stem",
+    [
+        ("megvii_shufflenetv1_g8_x1_0.pth.tar", "shufflenetv1_g8_x1_0", "megvii_shufflenetv1_g8_x1_0"),
+        ("timm_mobilenetv1_025.safetensors", "mobilenetv1_025", "timm_mobilenetv1_025"),
+    ],
+)
+def test_onnx_of_the_options_reproduces_original(tmp_path, file, name, stem):
+    """The architecture options (shuffle after the depthwise conv, ReLU6) export and run in ONNX Runtime."""
+    ort = pytest.importorskip("onnxruntime")
+    model, _ = _load(file, name)
+    x, expected = _io(stem)
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["images"], opset_version=17, dynamo=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+    assert _rel_err(got, expected) <= TOL
