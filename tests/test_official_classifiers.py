@@ -228,3 +228,12 @@ def test_onnx_of_the_options_reproduces_original(tmp_path, file, name, stem):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
     assert _rel_err(got, expected) <= TOL
+
+
+def test_timm_training_checkpoint_prefers_ema():
+    sd = read_weights_file(FIX / "timm_mobilenetv1_025.pth")
+    broken = {k: torch.zeros_like(v) for k, v in sd.items()}
+    conv = convert_official({"epoch": 3, "arch": "mobilenetv1_100", "state_dict": broken, "state_dict_ema": sd},
+                            "mobilenetv1_025")  # fmt: skip
+    assert conv is not None
+    assert torch.equal(conv.state_dict["features.0.0.weight"], sd["conv_stem.weight"].float())

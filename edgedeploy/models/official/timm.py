@@ -60,7 +60,7 @@ def _is_mobilevit(sd: Mapping[str, Any]) -> bool:
 
 
 def _is_mobilenetv1(sd: Mapping[str, Any]) -> bool:
-    if "conv_stem.weight" not in sd or "conv_head.weight" in sd:
+    if "conv_stem.weight" not in sd:
         return False
     parts = {k.split(".")[3] for k in sd if k.startswith("blocks.") and k.count(".") >= 4}
     return bool(parts) and parts <= {"conv_dw", "bn1", "conv_pw", "bn2"}
