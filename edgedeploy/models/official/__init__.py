@@ -55,7 +55,7 @@ def convert_official(ckpt: Mapping[str, Any], model_name: str) -> Converted | No
     return None
 
 
-_FAMILY_MODULES: tuple[str, ...] = ()  # filled in as family modules land, e.g. ("yolox", "yolov5", "timm", ...)
+_FAMILY_MODULES: tuple[str, ...] = ("timm", "cvnets", "shufflenet")  # i12a adds the detector families
 _loaded = False
 
 
