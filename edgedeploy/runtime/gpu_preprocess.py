@@ -62,13 +62,21 @@ class GpuPreprocessor:
         fp16: bool = False,
         stream: cuda.Stream | None = None,
         device: int = 0,
+        channel_order: str = "rgb",
+        scale: float = 1 / 255,
+        letterbox_align: str = "center",
+        pad_value: int = LETTERBOX_PAD,
     ) -> None:
         cuda.init(device)
         self.device = device
         self.dst_h, self.dst_w = dst_hw
-        self.mean = [float(m) for m in mean]
-        self.inv_std = [1.0 / float(s) for s in std]
+        k = float(scale) * 255.0  # the kernel divides by 255: fold the model's pixel scale into mean/std
+        self.mean = [float(m) / k for m in mean]
+        self.inv_std = [k / float(s) for s in std]
         self.letterbox = letterbox
+        self.bgr = channel_order == "bgr"
+        self.topleft = letterbox_align == "topleft"
+        self.pad_value = float(pad_value)
         self.fp16 = fp16
         self.stream = stream or cuda.Stream()
         cc = cuda.compute_capability(device).replace(".", "")
@@ -116,6 +124,8 @@ class GpuPreprocessor:
             pitch = w * c
             src_ptr = self._stage(frame)
         scale, (pad_x, pad_y), (new_h, new_w) = letterbox_geometry(h, w, self.dst_h, self.dst_w, self.letterbox)
+        if self.topleft:
+            pad_x = pad_y = 0
         out_ptr = dst_ptr + batch_index * 3 * self.dst_h * self.dst_w * self.out_itemsize
         block = (32, 8, 1)
         grid = ((self.dst_w + 31) // 32, (self.dst_h + 7) // 8, 1)
@@ -124,8 +134,8 @@ class GpuPreprocessor:
             (src_ptr, ptr), (h, i32), (w, i32), (pitch, i32), (c, i32),
             (out_ptr, ptr), (self.dst_h, i32), (self.dst_w, i32),
             (new_h, i32), (new_w, i32), (pad_x, i32), (pad_y, i32),
-            (float(LETTERBOX_PAD if self.letterbox else 0), f32),
-            *[(m, f32) for m in self.mean], *[(s, f32) for s in self.inv_std],
+            (self.pad_value if self.letterbox else 0.0, f32),
+            *[(m, f32) for m in self.mean], *[(s, f32) for s in self.inv_std], (int(self.bgr), i32),
         ]
         self.kernel.launch(grid, block, args, self.stream)
         return scale, (pad_x, pad_y)

@@ -91,6 +91,14 @@ def _meta_from_model(model: Any, imgsz: int | None) -> ArtifactMeta:
     size = imgsz or info.imgsz
     meta = ArtifactMeta(model=info.name, task=info.task, input_shape=["batch", 3, size, size], mean=list(info.mean),
                         std=list(info.std), letterbox=info.letterbox, builder="torch")
+    from edgedeploy.data.preprocess import InputConvention
+
+    ckpt_meta = getattr(model, "checkpoint_meta", None) or {}
+    if ckpt_meta.get("preprocess"):  # official weights (or fine-tuned from them): the original's convention
+        meta.set_convention(InputConvention.from_dict(ckpt_meta["preprocess"]))
+        meta.source = str(ckpt_meta.get("source", ""))
+    if ckpt_meta.get("class_names"):
+        meta.class_names = [str(c) for c in ckpt_meta["class_names"]]
     if info.task == "detect":
         meta.postprocess = {"nms": "none", "max_det": 100}
     return meta
@@ -142,9 +150,13 @@ class _Pipeline:
         if self.engine.backend == "tensorrt" and gpu_preprocess is not False:
             from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
 
-            self.gpu_pre = GpuPreprocessor(self.imgsz, meta.mean, meta.std, letterbox=meta.letterbox,
-                                           fp16=self.input_dtype == np.float16,
-                                           stream=self.engine.stream)  # type: ignore[attr-defined]
+            conv = meta.convention()
+            if conv.resize != "shorter_crop" and conv.interpolation == "linear":  # what the kernel implements
+                self.gpu_pre = GpuPreprocessor(self.imgsz, conv.mean, conv.std, letterbox=conv.letterbox,
+                                               fp16=self.input_dtype == np.float16,
+                                               stream=self.engine.stream,  # type: ignore[attr-defined]
+                                               channel_order=conv.channel_order, scale=conv.scale,
+                                               letterbox_align=conv.letterbox_align, pad_value=conv.pad_value)
 
     @classmethod
     def from_model(cls, model: Any, *, weights: str | None = None, imgsz: int | None = None, num_classes: int | None = None,
@@ -165,6 +177,8 @@ class _Pipeline:
     def _geometry(self, frame: np.ndarray) -> _Geometry:
         h, w = frame.shape[:2]
         scale, pad, new_hw = letterbox_geometry(h, w, *self.imgsz, self.meta.letterbox)
+        if self.meta.letterbox and self.meta.convention().letterbox_align == "topleft":
+            pad = (0, 0)
         return _Geometry(h, w, scale, pad, new_hw)
 
     def preprocess(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, list[_Geometry]]:
@@ -173,8 +187,7 @@ class _Pipeline:
 
         batch, geoms = [], []
         for f in frames:
-            x, _, _ = to_input_tensor(f, self.imgsz, self.meta.mean, self.meta.std, letterboxed=self.meta.letterbox,
-                                      dtype=self.input_dtype)
+            x, _, _ = to_input_tensor(f, self.imgsz, dtype=self.input_dtype, convention=self.meta.convention())
             batch.append(x)
             geoms.append(self._geometry(f))
         return np.concatenate(batch, axis=0), geoms

@@ -132,9 +132,9 @@ class TaskAdapter:
         return images
 
     def preprocess(self, img_bgr: np.ndarray, info: "ModelInfo", imgsz: int) -> np.ndarray:
-        from edgedeploy.data.preprocess import to_input_tensor
+        from edgedeploy.data.preprocess import convention_for, to_input_tensor
 
-        x, _, _ = to_input_tensor(img_bgr, imgsz, info.mean, info.std, letterboxed=info.letterbox)
+        x, _, _ = to_input_tensor(img_bgr, imgsz, convention=convention_for(info))
         return x
 
     def sample_inputs(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
