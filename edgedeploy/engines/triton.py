@@ -123,6 +123,11 @@ def model_config(
 
 def preprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, max_batch: int) -> str:
     h, w = (int(model_input.dims[-2]), int(model_input.dims[-1]))
+    conv = meta.convention()  # the sidecar's input convention (channel order, scale, mean/std, letterbox rule)
+    if conv.resize == "shorter_crop" or conv.interpolation != "linear":
+        raise EdgeDeployError(
+            f"the Triton preprocess step implements letterbox/resize with bilinear interpolation; this model's input "
+            f"convention is {conv.resize}/{conv.interpolation}: use --no-preprocess and preprocess on the client")
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
         + _io_block("input", [TensorSpec("frame", "TYPE_UINT8", [-1, -1, -1, 3])], max_batch > 0)
@@ -133,9 +138,13 @@ def preprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, ma
         )
         + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
         + "parameters [\n"
-        + f'  {{ key: "letterbox" value: {{ string_value: "{int(meta.letterbox)}" }} }},\n'
-        + f'  {{ key: "mean" value: {{ string_value: "{",".join(str(m) for m in meta.mean)}" }} }},\n'
-        + f'  {{ key: "std" value: {{ string_value: "{",".join(str(s) for s in meta.std)}" }} }}\n]\n'
+        + f'  {{ key: "letterbox" value: {{ string_value: "{int(conv.letterbox)}" }} }},\n'
+        + f'  {{ key: "mean" value: {{ string_value: "{",".join(repr(m) for m in conv.mean)}" }} }},\n'
+        + f'  {{ key: "std" value: {{ string_value: "{",".join(repr(s) for s in conv.std)}" }} }},\n'
+        + f'  {{ key: "channel_order" value: {{ string_value: "{conv.channel_order}" }} }},\n'
+        + f'  {{ key: "scale" value: {{ string_value: "{conv.scale!r}" }} }},\n'
+        + f'  {{ key: "letterbox_align" value: {{ string_value: "{conv.letterbox_align}" }} }},\n'
+        + f'  {{ key: "pad_value" value: {{ string_value: "{int(conv.pad_value)}" }} }}\n]\n'
     )
 
 
@@ -159,7 +168,9 @@ def ensemble_config(name: str, pre: str, model: str, model_input: TensorSpec, ou
 
 PREPROCESS_MODEL_PY = '''"""Triton python-backend step written by `deploy triton`: BGR uint8 frames -> the model's input tensor.
 
-Letterbox (detectors) or resize (classifiers/segmenters), BGR->RGB, /255, (x - mean) / std, HWC->CHW.
+Letterbox (detectors; centred or top-left, pad value) or resize (classifiers/segmenters), then the model's input
+convention from the config parameters: channel order (BGR->RGB unless the model takes BGR), pixel scale (/255 or
+none), (x - mean) / std with mean/std in scaled units, HWC->CHW.
 Also returns scale_pad = (scale, pad_x, pad_y) so clients map boxes back to frame pixels: (xy - pad) / scale.
 """
 
@@ -170,19 +181,22 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 
-def preprocess(frame, size, letterbox, mean, std, dtype=np.float32):
+def preprocess(frame, size, letterbox, mean, std, dtype=np.float32, channel_order="rgb", pixel_scale=1 / 255,
+               align="center", pad_value=114):
     h_out, w_out = size
     h, w = frame.shape[:2]
     if letterbox:
         scale = min(h_out / h, w_out / w)
         nh, nw = int(round(h * scale)), int(round(w * scale))
-        pad_y, pad_x = (h_out - nh) // 2, (w_out - nw) // 2
-        canvas = np.full((h_out, w_out, 3), 114, np.uint8)
+        pad_y, pad_x = ((h_out - nh) // 2, (w_out - nw) // 2) if align == "center" else (0, 0)
+        canvas = np.full((h_out, w_out, 3), pad_value, np.uint8)
         canvas[pad_y:pad_y + nh, pad_x:pad_x + nw] = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR)
     else:
         scale, pad_x, pad_y = 1.0, 0, 0
         canvas = cv2.resize(frame, (w_out, h_out), interpolation=cv2.INTER_LINEAR)
-    x = (canvas[:, :, ::-1].astype(np.float32) / 255.0 - mean) / std
+    x = (canvas[:, :, ::-1] if channel_order == "rgb" else canvas).astype(np.float32)
+    x = x / np.float32(255.0) if abs(pixel_scale - 1 / 255) < 1e-12 else x * np.float32(pixel_scale)
+    x = (x - mean) / std
     return x.transpose(2, 0, 1).astype(dtype), np.array([scale, pad_x, pad_y], np.float32)
 
 
@@ -193,6 +207,9 @@ class TritonPythonModel:
         self.letterbox = params.get("letterbox", "0") == "1"
         self.mean = np.array([float(v) for v in params["mean"].split(",")], np.float32)
         self.std = np.array([float(v) for v in params["std"].split(",")], np.float32)
+        self.conv = {"channel_order": params.get("channel_order", "rgb"),
+                     "pixel_scale": float(params.get("scale", 1 / 255)),
+                     "align": params.get("letterbox_align", "center"), "pad_value": int(params.get("pad_value", 114))}
         out = cfg["output"][0]
         self.out_name = out["name"]
         self.size = (int(out["dims"][-2]), int(out["dims"][-1]))
@@ -202,7 +219,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             frames = pb_utils.get_input_tensor_by_name(request, "frame").as_numpy()
-            pairs = [preprocess(f, self.size, self.letterbox, self.mean, self.std, self.dtype) for f in frames]
+            pairs = [preprocess(f, self.size, self.letterbox, self.mean, self.std, self.dtype, **self.conv)
+                     for f in frames]
             x = np.stack([p[0] for p in pairs])
             sp = np.stack([p[1] for p in pairs])
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.out_name, x), pb_utils.Tensor("scale_pad", sp)]))
