@@ -172,3 +172,16 @@ def test_legacy_yolox_convention_override():
     conv = preset("yolox-legacy")
     assert (conv.channel_order, conv.letterbox_align) == ("rgb", "topleft")
     assert conv.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_yolox_legacy_file_is_told_by_its_amp_entry(tmp_path):
+    ckpt = torch.load(FIX / "yolox_nano.pth", weights_only=True)
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"start_epoch": 300, "model": ckpt["model"], "optimizer": None, "amp": {"loss_scaler0": {}}}, legacy)
+    meta = create_model("yolox_nano", weights=str(legacy)).checkpoint_meta
+    assert InputConvention.from_dict(meta["preprocess"]) == preset("yolox-legacy")
+    bare = tmp_path / "bare.pth"  # no trainer entries: current convention assumed, and the note says how to switch
+    torch.save({"model": ckpt["model"]}, bare)
+    meta = create_model("yolox_nano", weights=str(bare)).checkpoint_meta
+    assert InputConvention.from_dict(meta["preprocess"]) == preset("yolox")
+    assert any("--input-convention yolox-legacy" in n for n in meta["notes"])

@@ -6,8 +6,10 @@ SPP, head) has the same names. Values are kept as they are (FP16 files are cast 
 
 Input convention: YOLOX >= 0.2.0 (`ValTransform(legacy=False)`) feeds BGR pixels 0-255, no normalisation,
 letterboxed top-left (pad right/bottom, 114), cv2 INTER_LINEAR. Weights released before 0.2.0 ("legacy") were
-trained on RGB / 255 with ImageNet mean/std. The file cannot tell them apart (same keys, same shapes), so the
-current convention is assumed and `--input-convention yolox-legacy` selects the other.
+trained on RGB / 255 with ImageNet mean/std (the change is YOLOX commit c9fe0aa, 2021-08-19). The weights are
+the same keys and shapes; the trainer's file around them sometimes tells: a `best_ap` entry (added after the
+change) means current, an `amp` entry (apex, removed by that change) means legacy. Otherwise the current convention
+is assumed and `--input-convention yolox-legacy` selects the other.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ _MARK = "backbone.backbone.stem.conv.conv.weight"
 _WIDTHS = {0.25: "nano", 0.375: "tiny", 0.5: "s", 0.75: "m", 1.0: "l", 1.25: "x"}
 _DEPTHS = {"nano": 1, "tiny": 1, "s": 1, "m": 2, "l": 3, "x": 4}  # bottlenecks in dark2 (round(3 * depth))
 
+LEGACY_CONVENTION = {"channel_order": "rgb", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
+                     "std": [0.229, 0.224, 0.225], "resize": "letterbox", "interpolation": "linear",
+                     "letterbox_align": "topleft", "pad_value": 114}
 CONVENTION = {"channel_order": "bgr", "scale": 1.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0],
               "resize": "letterbox", "interpolation": "linear", "letterbox_align": "topleft", "pad_value": 114}
 
@@ -65,8 +70,17 @@ def convert(ckpt: Mapping[str, Any], model_name: str) -> Converted | None:
     num_classes = int(sd["head.cls_preds.0.weight"].shape[0]) if "head.cls_preds.0.weight" in sd else None
     out = {_rename(k): v.float() if v.is_floating_point() else v for k, v in sd.items()}
     notes = [f"Megvii YOLOX checkpoint ({variant or 'unknown width/depth'}, {num_classes} classes): "
-             f"{len(out)} tensors renamed to this project's layout, values unchanged",
-             "input convention: YOLOX >= 0.2.0 (BGR, 0-255, no mean/std, top-left letterbox pad 114); weights "
-             "from YOLOX < 0.2.0 need `--input-convention yolox-legacy` (RGB, /255, ImageNet mean/std)"]
+             f"{len(out)} tensors renamed to this project's layout, values unchanged"]
+    legacy = "amp" in ckpt and "best_ap" not in ckpt
+    if legacy:
+        notes.append("input convention: legacy YOLOX (the file has an apex `amp` state: trained before 2021-08-19) "
+                     "-> RGB, /255, ImageNet mean/std, top-left letterbox pad 114")
+    elif "best_ap" in ckpt:
+        notes.append("input convention: YOLOX >= 0.2.0 (the file has `best_ap`) -> BGR, 0-255, no mean/std, "
+                     "top-left letterbox pad 114")
+    else:
+        notes.append("input convention: assumed YOLOX >= 0.2.0 (BGR, 0-255, no mean/std, top-left letterbox pad "
+                     "114); for weights from before 2021-08-19 (the 'legacy models' of the YOLOX README) pass "
+                     "`--input-convention yolox-legacy` (RGB, /255, ImageNet mean/std)")
     return Converted(state_dict=out, source="megvii-yolox", model_kwargs={"num_classes": num_classes},
-                     preprocess=dict(CONVENTION), variant=variant, notes=notes)
+                     preprocess=dict(LEGACY_CONVENTION if legacy else CONVENTION), variant=variant, notes=notes)
