@@ -185,3 +185,26 @@ def test_yolox_legacy_file_is_told_by_its_amp_entry(tmp_path):
     meta = create_model("yolox_nano", weights=str(bare)).checkpoint_meta
     assert InputConvention.from_dict(meta["preprocess"]) == preset("yolox")
     assert any("--input-convention yolox-legacy" in n for n in meta["notes"])
+
+
+def test_finetune_from_official_yolox_reinitialises_head_and_keeps_convention(tmp_path, capsys):
+    from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
+    from edgedeploy.models.checkpoint import read_checkpoint
+    from edgedeploy.train.detect import DetectTrainConfig, train_detector
+
+    torch.set_num_threads(1)
+    root = synthetic_detection_dataset(tmp_path / "syn", num_train=4, num_val=2, imgsz=64, seed=3)
+    cfg = DetectTrainConfig(model="yolox_nano", data=str(root), weights=str(FIX / "yolox_nano.pth"), epochs=1,
+                            batch=2, imgsz=64, workers=0, max_iters=1, project=str(tmp_path / "runs"), name="ft",
+                            device="cpu", seed=0, precise_bn=1, ema=False, mosaic=0.0, lr=1e-9)
+    summary = train_detector(cfg)
+    out = capsys.readouterr().out
+    assert "80 classes in the checkpoint" in out and "re-initialised" in out and "head.cls_preds.0.weight" in out
+    ckpt = read_checkpoint(summary["last"])
+    assert InputConvention.from_dict(ckpt["meta"]["preprocess"]) == preset("yolox")
+    assert ckpt["meta"]["weights_source"] == "megvii-yolox"
+    # Loaded, not re-initialised: a backbone weight equals the official one (lr ~0, so one step leaves it there).
+    official = create_model("yolox_nano", weights=str(FIX / "yolox_nano.pth")).state_dict()
+    key = "backbone.dark3.1.cv1.conv.weight"
+    torch.testing.assert_close(ckpt["model"][key], official[key], rtol=0, atol=1e-6)
+    assert ckpt["model"]["head.cls_preds.0.weight"].shape[0] != 80
