@@ -208,3 +208,53 @@ def test_finetune_from_official_yolox_reinitialises_head_and_keeps_convention(tm
     key = "backbone.dark3.1.cv1.conv.weight"
     torch.testing.assert_close(ckpt["model"][key], official[key], rtol=0, atol=1e-6)
     assert ckpt["model"]["head.cls_preds.0.weight"].shape[0] != 80
+
+
+def test_old_sidecar_reads_as_rgb_unit_convention():
+    from edgedeploy.engines.sidecar import ArtifactMeta
+
+    old = {"model": "yolox_s", "task": "detect", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "letterbox": True}
+    conv = ArtifactMeta.from_dict(old).convention()
+    assert (conv.channel_order, conv.scale, conv.resize, conv.letterbox_align) == ("rgb", 1 / 255, "letterbox", "center")
+    new = ArtifactMeta(model="yolox_nano", task="detect")
+    new.set_convention(preset("yolox"))
+    again = ArtifactMeta.from_dict(new.to_dict())
+    assert again.convention() == preset("yolox")
+    assert again.std == pytest.approx([1 / 255] * 3)  # legacy fields say as much as they can (scale folded in std)
+
+
+@pytest.mark.parametrize("conv_name", ["yolox", "yolov5", "yolox-legacy"])
+def test_triton_preprocess_follows_the_convention(conv_name, monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from edgedeploy.engines.sidecar import ArtifactMeta
+    from edgedeploy.engines.triton import PREPROCESS_MODEL_PY, TensorSpec, preprocess_config
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
+    ns: dict = {}
+    exec(compile(PREPROCESS_MODEL_PY, "model.py", "exec"), ns)
+    conv = preset(conv_name)
+    meta = ArtifactMeta(model="yolox_nano", task="detect")
+    meta.set_convention(conv)
+    text = preprocess_config("p", meta, TensorSpec("images", "TYPE_FP32", [-1, 3, 96, 96]), 4)
+    params = dict(__import__("re").findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
+    model = ns["TritonPythonModel"]()
+    cfg = {"parameters": {k: {"string_value": v} for k, v in params.items()},
+           "output": [{"name": "images", "dims": [3, 96, 96], "data_type": "TYPE_FP32"}]}
+    model.initialize({"model_config": __import__("json").dumps(cfg)})
+    frame = _image()
+    x, sp = ns["preprocess"](frame, model.size, model.letterbox, model.mean, model.std, model.dtype, **model.conv)
+    ref, scale, pad = to_input_tensor(frame, 96, convention=conv)
+    np.testing.assert_allclose(x, ref[0], rtol=1e-6, atol=1e-4)
+    assert sp.tolist() == pytest.approx([scale, pad[0], pad[1]])
+
+
+def test_runtime_detector_from_official_weights_uses_its_convention():
+    from edgedeploy.runtime.pipelines import Detector
+
+    det = Detector.from_model("yolox_nano", weights=str(FIX / "yolox_nano.pth"), imgsz=192)
+    assert det.meta.convention() == preset("yolox") and det.meta.source == "megvii-yolox"
+    x, _ = det.preprocess([_image()])
+    their_input = np.load(FIX / "yolox_nano_ref.npz")["input"]
+    np.testing.assert_array_equal(x, their_input.astype(np.float32))
