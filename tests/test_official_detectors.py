@@ -258,3 +258,20 @@ def test_runtime_detector_from_official_weights_uses_its_convention():
     x, _ = det.preprocess([_image()])
     their_input = np.load(FIX / "yolox_nano_ref.npz")["input"]
     np.testing.assert_array_equal(x, their_input.astype(np.float32))
+
+
+def test_input_convention_dict_roundtrip_validation_and_geometry():
+    from edgedeploy.errors import EdgeDeployError
+
+    c = InputConvention("bgr", 1.0, (1, 2, 3), (4, 5, 6), "shorter_crop", "cubic", 0.875)
+    assert InputConvention.from_dict(c.to_dict()) == c
+    with pytest.raises(EdgeDeployError, match="channel_order"):
+        InputConvention(channel_order="gbr")
+    with pytest.raises(EdgeDeployError, match="unknown fields"):
+        InputConvention.from_dict({"colour": "rgb"})
+    img = _image()  # 320x240
+    x, scale, pad = to_input_tensor(img, 64, convention=c)
+    assert x.shape == (1, 3, 64, 64) and scale == pytest.approx(73 / 240) and pad == (-16, -4)  # 97x73 resized, centre 64x64
+    _, s_tl, pad_tl = to_input_tensor(img, 64, convention=preset("yolox"))
+    _, s_c, pad_c = to_input_tensor(img, 64, convention=preset("yolov5"))
+    assert s_tl == s_c == 0.2 and pad_tl == (0, 0) and pad_c == (0, 8)

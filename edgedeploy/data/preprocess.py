@@ -36,7 +36,8 @@ class InputConvention:
     scale: float = 1 / 255
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    resize: str = "resize"  # "resize" (stretch) | "letterbox" | "shorter_crop" (shorter side to size/crop_pct, centre crop)
+    # "resize" (stretch) | "letterbox" | "shorter_crop" (shorter side to size / crop_pct, then centre crop)
+    resize: str = "resize"
     interpolation: str = "linear"  # cv2 "linear" | "cubic" | "area" | "nearest"; PIL "linear_pil" | "cubic_pil"
     crop_pct: float = 1.0  # shorter_crop only
     letterbox_align: str = "center"  # "center" (Ultralytics) | "topleft" (YOLOX: pad right/bottom only)
