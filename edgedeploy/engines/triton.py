@@ -129,6 +129,7 @@ def model_config(
 
 def preprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, max_batch: int) -> str:
     h, w = (int(model_input.dims[-2]), int(model_input.dims[-1]))
+    conv = meta.convention()  # the sidecar's input convention (channel order, scale, mean/std, letterbox rule)
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
         + _io_block("input", [TensorSpec("frame", "TYPE_UINT8", [-1, -1, -1, 3])], max_batch > 0)
@@ -139,8 +140,7 @@ def preprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, ma
             max_batch > 0,
         )
         + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
-        + _parameters({"letterbox": int(meta.letterbox), "mean": ",".join(str(m) for m in meta.mean),
-                       "std": ",".join(str(s) for s in meta.std)})
+        + _parameters({"convention": json.dumps(conv.to_dict()).replace('"', '\\"')})
     )
 
 
@@ -170,7 +170,8 @@ def postprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, m
         + _io_block("input", model_outputs + [TensorSpec("frame_hw", "TYPE_INT32", [-1, 2])], max_batch > 0)
         + _io_block("output", detection_outputs(max_det), max_batch > 0)
         + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
-        + _parameters({"letterbox": int(meta.letterbox), "input_hw": f"{model_input.dims[-2]},{model_input.dims[-1]}",
+        + _parameters({"letterbox": int(meta.letterbox), "letterbox_align": meta.convention().letterbox_align,
+                       "input_hw": f"{model_input.dims[-2]},{model_input.dims[-1]}",
                        "conf_thres": conf_thres, "iou_thres": iou_thres, "max_det": max_det,
                        "nms_in_engine": int(nms_in_engine(meta))})
     )
@@ -214,9 +215,10 @@ def ensemble_config(name: str, pre: str, model: str, model_input: TensorSpec, ou
 
 PREPROCESS_MODEL_PY = '''"""Triton python-backend step written by `deploy triton`: BGR uint8 frames -> the model's input tensor.
 
-The project's own CPU preprocessing (`edgedeploy.data.preprocess.to_input_tensor`: letterbox for detectors, resize
-otherwise, BGR->RGB, /255, (x - mean) / std, HWC->CHW). Also returns scale_pad = (scale, pad_x, pad_y), with which
-clients map boxes back to frame pixels ((xy - pad) / scale), and frame_hw for the postprocess step.
+Letterbox (detectors; centred or top-left, pad value) or resize (classifiers/segmenters), then the model's input
+convention from the config parameters: channel order (BGR->RGB unless the model takes BGR), pixel scale (/255 or
+none), (x - mean) / std with mean/std in scaled units, HWC->CHW.
+Also returns scale_pad = (scale, pad_x, pad_y) so clients map boxes back to frame pixels: (xy - pad) / scale.
 """
 
 import json
@@ -224,11 +226,11 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from edgedeploy.data.preprocess import to_input_tensor
+from edgedeploy.data.preprocess import InputConvention, to_input_tensor
 
 
-def preprocess(frame, size, letterbox, mean, std, dtype=np.float32):
-    x, scale, (pad_x, pad_y) = to_input_tensor(frame, size, mean, std, letterboxed=letterbox, dtype=dtype)
+def preprocess(frame, size, convention, dtype=np.float32):
+    x, scale, (pad_x, pad_y) = to_input_tensor(frame, size, dtype=dtype, convention=convention)
     return x[0], np.array([scale, pad_x, pad_y], np.float32)
 
 
@@ -236,9 +238,7 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        self.letterbox = params.get("letterbox", "0") == "1"
-        self.mean = np.array([float(v) for v in params["mean"].split(",")], np.float32)
-        self.std = np.array([float(v) for v in params["std"].split(",")], np.float32)
+        self.convention = InputConvention.from_dict(json.loads(params["convention"]))
         out = cfg["output"][0]
         self.out_name = out["name"]
         self.size = (int(out["dims"][-2]), int(out["dims"][-1]))
@@ -248,7 +248,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             frames = pb_utils.get_input_tensor_by_name(request, "frame").as_numpy()
-            pairs = [preprocess(f, self.size, self.letterbox, self.mean, self.std, self.dtype) for f in frames]
+            pairs = [preprocess(f, self.size, self.convention, self.dtype) for f in frames]
             x = np.stack([p[0] for p in pairs])
             sp = np.stack([p[1] for p in pairs])
             hw = np.array([f.shape[:2] for f in frames], np.int32)
@@ -277,7 +277,7 @@ from edgedeploy.runtime.nms import boxes_to_frame
 from edgedeploy.runtime.pipelines import detection_rows
 
 
-def postprocess(outs, frame_hw, input_hw, letterbox, conf_thres, iou_thres, max_det):
+def postprocess(outs, frame_hw, input_hw, letterbox, conf_thres, iou_thres, max_det, align="center"):
     """outs: {model output name: [B, ...] array}; frame_hw [B, 2] -> (num [B,1], boxes, scores, classes)."""
     rows = detection_rows(outs, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
     b = len(rows)
@@ -286,7 +286,7 @@ def postprocess(outs, frame_hw, input_hw, letterbox, conf_thres, iou_thres, max_
     scores = np.zeros((b, max_det), np.float32)
     classes = np.zeros((b, max_det), np.int32)
     for i, (r, (h, w)) in enumerate(zip(rows, frame_hw.tolist())):
-        scale, pad, _ = letterbox_geometry(int(h), int(w), input_hw[0], input_hw[1], letterbox)
+        scale, pad, _ = letterbox_geometry(int(h), int(w), input_hw[0], input_hw[1], letterbox, align)
         k = min(len(r), max_det)
         num[i, 0] = k
         boxes[i, :k] = boxes_to_frame(r[:k, :4], scale, pad, int(h), int(w))
@@ -300,6 +300,7 @@ class TritonPythonModel:
         cfg = json.loads(args["model_config"])
         p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         self.letterbox = p["letterbox"] == "1"
+        self.align = p.get("letterbox_align", "center")
         self.input_hw = tuple(int(v) for v in p["input_hw"].split(","))
         self.conf_thres, self.iou_thres = float(p["conf_thres"]), float(p["iou_thres"])
         self.max_det = int(p["max_det"])
@@ -311,7 +312,7 @@ class TritonPythonModel:
             outs = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
             hw = pb_utils.get_input_tensor_by_name(request, "frame_hw").as_numpy()
             num, boxes, scores, classes = postprocess(outs, hw, self.input_hw, self.letterbox, self.conf_thres,
-                                                      self.iou_thres, self.max_det)
+                                                      self.iou_thres, self.max_det, self.align)
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor("num_dets", num), pb_utils.Tensor("det_boxes", boxes),
                 pb_utils.Tensor("det_scores", scores), pb_utils.Tensor("det_classes", classes)]))

@@ -22,8 +22,13 @@ def _dynamic_batch(text: str) -> tuple[int, int, int]:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registry name, e.g. mobilenetv3_large (see `deploy models`); optional with "
                                         "--weights from `deploy train`, whose checkpoint names its model")
-    parser.add_argument("--weights", help="checkpoint (ours or a torchvision state_dict); default: re-initialised "
-                                          "weights with realistic magnitudes, for the parity proof only")
+    parser.add_argument("--weights", help="checkpoint (ours, a torchvision state_dict, or an official checkpoint: "
+                                          "YOLOX .pth, Ultralytics YOLOv5 .pt, ... see docs/CHECKPOINTS.md); "
+                                          "default: re-initialised weights with realistic magnitudes, for the "
+                                          "parity proof only")
+    parser.add_argument("--input-convention", metavar="NAME",
+                        help="input convention overriding the checkpoint's, e.g. yolox-legacy for weights from "
+                             "YOLOX < 0.2.0 (RGB, /255, ImageNet mean/std)")
     parser.add_argument("--num-classes", type=int, help="classes of the checkpoint's head")
     parser.add_argument("--imgsz", type=int, help="square input size (default: the model's)")
     b = parser.add_mutually_exclusive_group()
@@ -74,9 +79,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _model_from_checkpoint(weights: str | None) -> str:
     if not weights:
         raise EdgeDeployError("say what to export: --model NAME (see `deploy models`) and/or --weights CHECKPOINT")
-    from edgedeploy.models.checkpoint import read_checkpoint
+    from edgedeploy.models.checkpoint import checkpoint_meta
 
-    name = (read_checkpoint(weights).get("meta") or {}).get("model_name")
+    name = checkpoint_meta(weights).get("model_name")  # ours, or the variant an official checkpoint is
     if not name:
         raise EdgeDeployError(f"{weights} does not name its model (not a `deploy train` checkpoint): add --model NAME")
     return str(name)
@@ -120,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         args.model,
         log=log,
         weights=args.weights,
+        input_convention=args.input_convention,
         num_classes=args.num_classes,
         imgsz=args.imgsz,
         batch=args.batch,

@@ -16,6 +16,7 @@ BUILDERS = ("auto", "tensorrt", "tensorrt-rtx", "none")
 class ExportOptions:
     model: str
     weights: str | None = None
+    input_convention: str | None = None  # preset name overriding the checkpoint's (e.g. "yolox-legacy")
     num_classes: int | None = None
     imgsz: int | None = None  # None: the model's registered default
     batch: int = 1  # static batch (ignored when dynamic_batch is set)

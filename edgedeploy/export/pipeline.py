@@ -7,6 +7,8 @@ every artifact whose key and file are unchanged (`force=True` rebuilds all).
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import os
@@ -99,7 +101,8 @@ class _Exporter:
         self.log = log
         self.info = get_model_info(options.model)
         self.adapter: TaskAdapter = get_task_adapter(self.info.task)
-        self.imgsz = int(options.imgsz or self._checkpoint_meta(options.weights).get("imgsz") or self.info.imgsz)
+        self.imgsz = int(options.imgsz or self._checkpoint_meta(options.weights, self.info.name).get("imgsz")
+                         or self.info.imgsz)
         multiple = self.adapter.imgsz_multiple
         if self.imgsz < 32 or self.imgsz % multiple:
             rule = f"a multiple of {multiple}, " if multiple > 1 else ""
@@ -111,7 +114,8 @@ class _Exporter:
         elif options.batch < 1:
             raise EdgeDeployError(f"--batch {options.batch}: must be >= 1")
         self.name = self.info.name
-        self.ckpt_meta = self._checkpoint_meta(options.weights)
+        self.ckpt_meta = self._checkpoint_meta(options.weights, self.info.name)
+        self._apply_input_convention()
         self._class_names = [str(c) for c in self.ckpt_meta.get("class_names") or []]
         self._resolve_data_sources()
         self.out = Path(options.out) / self.name
@@ -171,14 +175,36 @@ class _Exporter:
         return root if root is not None and (root / "images").is_dir() else None
 
     @staticmethod
-    def _checkpoint_meta(weights: str | None) -> dict[str, Any]:
-        """Our training checkpoints record num_classes, class_names and imgsz: use them as defaults."""
+    @functools.lru_cache(maxsize=4)
+    def _checkpoint_meta_cached(weights: str, model_name: str, mtime: float) -> dict[str, Any]:
+        from edgedeploy.models.checkpoint import checkpoint_meta
+
+        return checkpoint_meta(weights, model_name)
+
+    def _checkpoint_meta(self, weights: str | None, model_name: str) -> dict[str, Any]:
+        """Our training checkpoints record num_classes, class_names and imgsz: use them as defaults. Official
+        checkpoints give their source, input convention, class count (and names, when the file has them)."""
         if not weights:
             return {}
-        from edgedeploy.models.checkpoint import read_checkpoint
+        mtime = os.path.getmtime(weights) if os.path.isfile(weights) else 0.0
+        return dict(self._checkpoint_meta_cached(str(weights), model_name, mtime))
 
-        meta = read_checkpoint(weights).get("meta")
-        return dict(meta) if isinstance(meta, dict) else {}
+    def _apply_input_convention(self) -> None:
+        """The input convention travels with the weights: an official checkpoint's (or one fine-tuned from it),
+        unless --input-convention names another; every preprocessing path then reads it from `self.info`."""
+        from edgedeploy.data.preprocess import convention_for, preset, with_convention
+
+        for note in self.ckpt_meta.get("notes") or []:
+            self.log(f"  weights: {note}")
+        conv = self.ckpt_meta.get("preprocess")
+        if self.o.input_convention:
+            conv = preset(self.o.input_convention)
+        self.info = with_convention(self.info, conv)
+        c = convention_for(self.info)
+        self.convention = c
+        if conv:
+            self.log(f"  input convention: {c.channel_order.upper()}, scale {c.scale:.6g}, mean {list(c.mean)}, "
+                     f"std {list(c.std)}, {c.resize} ({c.letterbox_align if c.letterbox else c.interpolation})")
 
     def _environment(self) -> dict[str, str]:
         import onnx
@@ -217,9 +243,11 @@ class _Exporter:
             input_shape=["batch" if self.o.dynamic_batch else opt, 3, self.imgsz, self.imgsz],
             input_dtype=input_dtype,
             output_names=self.output_names,
-            mean=list(self.info.mean),
-            std=list(self.info.std),
-            letterbox=self.info.letterbox,
+            mean=self.convention.unit_mean_std()[0],
+            std=self.convention.unit_mean_std()[1],
+            letterbox=self.convention.letterbox,
+            preprocess=self.convention.to_dict(),
+            source=str(self.ckpt_meta.get("source", "")),
             class_names=self._class_names,
             precision=precision,
             batch={"min": mn, "opt": opt, "max": mx},

@@ -1,12 +1,20 @@
 """Loading and saving weights with errors a user can act on.
 
 Accepted files: our training checkpoints ({"model": state_dict, "ema": ..., "meta": ...}), a bare state_dict
-(e.g. torchvision's), or {"state_dict": ...}. Class-count mismatches name the keys and the `--num-classes` fix.
+(e.g. torchvision's), or {"state_dict": ...}, and the official checkpoints of other projects that
+`edgedeploy.models.official` recognises (converted by renaming, values unchanged). Class-count mismatches name
+the keys and the `--num-classes` fix.
+
+Nothing in a file runs code: plain tensor pickles load with `weights_only=True`; whole-module pickles
+(Ultralytics) go through `safe_pickle.restricted_load`, which reads the module classes as inert stand-ins.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -18,9 +26,18 @@ from edgedeploy.errors import CheckpointError
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    from edgedeploy.models.weights_file import _looks_like_safetensors, read_weights_file
+
+    if _looks_like_safetensors(os.fspath(path)):  # timm / hub exports
+        return read_weights_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated file, not a torch file, pickle error
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # needs globals beyond tensors: only the allow-list, module classes inert
+        from edgedeploy.models.official.yolov5 import STANDIN_PREFIXES
+        from edgedeploy.models.safe_pickle import restricted_load
+
+        obj = restricted_load(path, standin_prefixes=STANDIN_PREFIXES)
+    except Exception as e:  # truncated file, not a torch file
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(
@@ -80,11 +97,116 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     raise CheckpointError("\n".join(lines))
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike, prefer_ema: bool = True) -> dict[str, Any]:
-    """Load a checkpoint into `model` strictly. Returns the checkpoint's metadata (may be empty)."""
+log = logging.getLogger("edgedeploy")
+
+
+@dataclass
+class Weights:
+    """A checkpoint resolved for one model: the state dict in our layout and its metadata.
+
+    For an official checkpoint, `meta` carries `source`, `preprocess` (the original's input convention,
+    `InputConvention` field names), `num_classes`, `class_names`, `model_name` and `notes`."""
+
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # architecture options an official file implies
+
+    @property
+    def official(self) -> bool:
+        return bool(self.meta.get("source"))
+
+
+def _our_state_dict(ckpt: Mapping[str, Any], prefer_ema: bool) -> dict[str, torch.Tensor] | None:
+    try:
+        return extract_state_dict(ckpt, prefer_ema=prefer_ema)
+    except CheckpointError:
+        return None
+
+
+def resolve_weights(path: str | os.PathLike, model_name: str, model: nn.Module | None = None,
+                    prefer_ema: bool = True) -> Weights:
+    """Read `path` for registry model `model_name`: our layout when it fits (`model`, if given, decides), else an
+    official format converted to ours. Raises naming the variant a file really is, or the mismatched keys and
+    the recognised formats."""
     ckpt = read_checkpoint(path)
-    sd = extract_state_dict(ckpt, prefer_ema=prefer_ema)
-    check_state_dict(model, sd)
-    model.load_state_dict(sd, strict=True)
-    meta = ckpt.get("meta", {})
-    return meta if isinstance(meta, dict) else {}
+    sd = _our_state_dict(ckpt, prefer_ema)
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    if sd is not None and (meta or (model is not None and _fits(model, sd))):
+        return Weights(sd, dict(meta))
+    from edgedeploy.models.official import convert_official, known_formats
+
+    conv = convert_official(ckpt, model_name)
+    if conv is None:
+        if sd is None:
+            raise CheckpointError(
+                f"{path}: not a state dict nor a recognised official checkpoint (found keys: "
+                f"{', '.join(list(ckpt)[:8])}). Recognised: our `deploy train` checkpoints, bare state dicts "
+                f"(torchvision), {', '.join(known_formats())}.")
+        if model is None:
+            return Weights(sd, dict(meta))
+        try:
+            check_state_dict(model, sd)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}\n  recognised formats: our `deploy train` checkpoints, bare state "
+                                  f"dicts in our layout (torchvision's), {', '.join(known_formats())}") from None
+        return Weights(sd, dict(meta))
+    if conv.variant is not None and conv.variant != model_name:
+        raise CheckpointError(
+            f"{path} is a {conv.source} checkpoint of {conv.variant}, not {model_name}: use --model {conv.variant} "
+            f"(create_model({conv.variant!r}, weights=...)).")
+    if conv.variant is None:
+        raise CheckpointError(
+            f"{path} is a {conv.source} checkpoint, but of a width/depth that no registered variant has "
+            f"(asked for {model_name}). `deploy models` lists the variants.")
+    for note in conv.notes:
+        log.info(note)
+    meta = {"source": conv.source, "preprocess": dict(conv.preprocess), "model_name": conv.variant,
+            "notes": list(conv.notes)}
+    nc = conv.model_kwargs.get("num_classes")
+    if nc:
+        meta["num_classes"] = int(nc)
+    if conv.class_names:
+        meta["class_names"] = list(conv.class_names)
+    kwargs = {k: v for k, v in conv.model_kwargs.items() if k != "num_classes"}
+    return Weights(conv.state_dict, meta, kwargs)
+
+
+def _fits(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    return set(own) == set(sd) and all(own[k].shape == sd[k].shape for k in own)
+
+
+def checkpoint_meta(path: str | os.PathLike, model_name: str | None = None) -> dict[str, Any]:
+    """Metadata of a checkpoint without building the model: ours (`meta`) or, for an official file, its source,
+    input convention, class count and variant. `model_name` None: any variant of an official family."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get("meta")
+    if isinstance(meta, dict):
+        return dict(meta)
+    from edgedeploy.models.official import convert_official
+
+    conv = convert_official(ckpt, model_name or "")
+    if conv is None:
+        return {}
+    out = {"source": conv.source, "preprocess": dict(conv.preprocess), "model_name": conv.variant,
+           "notes": list(conv.notes)}
+    if conv.model_kwargs.get("num_classes"):
+        out["num_classes"] = int(conv.model_kwargs["num_classes"])
+    if conv.class_names:
+        out["class_names"] = list(conv.class_names)
+    return out
+
+
+def apply_weights(model: nn.Module, weights: Weights) -> dict[str, Any]:
+    check_state_dict(model, weights.state_dict)
+    model.load_state_dict(weights.state_dict, strict=True)
+    return weights.meta
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, prefer_ema: bool = True,
+                 model_name: str | None = None) -> dict[str, Any]:
+    """Load a checkpoint (ours or official) into `model` strictly. Returns the checkpoint's metadata (may be
+    empty; for an official file it holds `source` and `preprocess`)."""
+    info = getattr(model, "model_info", None)
+    name = model_name or (info.name if info is not None else "")
+    return apply_weights(model, resolve_weights(path, name, model=model, prefer_ema=prefer_ema))

@@ -104,12 +104,27 @@ def create_model(
     weights: str | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Build a registered model. `weights` is a checkpoint path (ours or a torchvision state_dict)."""
-    info = get_model_info(name)
-    model = info.builder(num_classes=num_classes if num_classes is not None else info.default_num_classes, **kwargs)
-    if weights is not None:
-        from edgedeploy.models.checkpoint import load_weights
+    """Build a registered model. `weights` is a checkpoint path: ours, a state dict in our layout (torchvision's),
+    or an official checkpoint of another project (`edgedeploy.models.official`), converted and loaded strictly.
 
-        load_weights(model, weights)
+    The model gets `model.checkpoint_meta` (the checkpoint's metadata; for an official file its `source` and
+    `preprocess`, the original's input convention, which preprocessing must then follow)."""
+    info = get_model_info(name)
+    resolved = None
+    if weights is not None:
+        from edgedeploy.models.checkpoint import resolve_weights
+
+        resolved = resolve_weights(weights, info.name)
+        kwargs = {**resolved.model_kwargs, **kwargs}
+        if num_classes is None and resolved.official:
+            num_classes = resolved.meta.get("num_classes")
+    model = info.builder(num_classes=num_classes if num_classes is not None else info.default_num_classes, **kwargs)
     model.model_info = info  # type: ignore[attr-defined]  (lets exporters/pipelines find task and preprocessing)
+    model.checkpoint_meta = {}  # type: ignore[attr-defined]
+    if resolved is not None:
+        from edgedeploy.models.checkpoint import apply_weights, resolve_weights
+
+        if not resolved.official and not resolved.meta:  # bare state dict: now the model decides our layout vs official
+            resolved = resolve_weights(weights, info.name, model=model)
+        model.checkpoint_meta = apply_weights(model, resolved)  # type: ignore[attr-defined]
     return model

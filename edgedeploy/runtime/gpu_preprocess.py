@@ -20,8 +20,9 @@ from edgedeploy.runtime import cuda
 from edgedeploy.runtime.kernels import PREPROCESS_SOURCE
 
 
-def letterbox_geometry(src_h: int, src_w: int, dst_h: int, dst_w: int, letterbox: bool):
-    """(scale, (pad_x, pad_y), (new_h, new_w)) exactly as the CPU reference computes them.
+def letterbox_geometry(src_h: int, src_w: int, dst_h: int, dst_w: int, letterbox: bool, align: str = "center"):
+    """(scale, (pad_x, pad_y), (new_h, new_w)) exactly as the CPU reference computes them. `align="topleft"`
+    pads right/bottom only (YOLOX's convention), so the padding offset is (0, 0).
 
     Without letterbox the frame is stretched to the input size; the "scale" is then per axis and returned as
     (sx, sy) so boxes can still be mapped back.
@@ -30,7 +31,8 @@ def letterbox_geometry(src_h: int, src_w: int, dst_h: int, dst_w: int, letterbox
         return (dst_w / src_w, dst_h / src_h), (0, 0), (dst_h, dst_w)
     scale = min(dst_h / src_h, dst_w / src_w)
     new_h, new_w = int(round(src_h * scale)), int(round(src_w * scale))
-    return scale, ((dst_w - new_w) // 2, (dst_h - new_h) // 2), (new_h, new_w)
+    pad = (0, 0) if align == "topleft" else ((dst_w - new_w) // 2, (dst_h - new_h) // 2)
+    return scale, pad, (new_h, new_w)
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,15 +59,16 @@ def launch_config(dst_h: int, dst_w: int) -> tuple[tuple[int, int, int], tuple[i
 
 def kernel_args(src_ptr: int, h: int, w: int, pitch: int, c: int, out_ptr: int, dst_h: int, dst_w: int,
                 new_hw: tuple[int, int], pad: tuple[int, int], pad_value: float, mean: Sequence[float],
-                inv_std: Sequence[float]) -> list[tuple[Any, Any]]:
-    """The kernel's parameters as (value, ctypes type), in `PREPROCESS_SOURCE`'s order."""
+                inv_std: Sequence[float], bgr: bool = False) -> list[tuple[Any, Any]]:
+    """The kernel's parameters as (value, ctypes type), in `PREPROCESS_SOURCE`'s order. `bgr` keeps the frame's
+    channel order (models trained on BGR input); otherwise the kernel writes RGB."""
     i32, f32, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     return [
         (src_ptr, ptr), (h, i32), (w, i32), (pitch, i32), (c, i32),
         (out_ptr, ptr), (dst_h, i32), (dst_w, i32),
         (new_hw[0], i32), (new_hw[1], i32), (pad[0], i32), (pad[1], i32),
         (float(pad_value), f32),
-        *[(float(m), f32) for m in mean], *[(float(s), f32) for s in inv_std],
+        *[(float(m), f32) for m in mean], *[(float(s), f32) for s in inv_std], (int(bool(bgr)), i32),
     ]
 
 
@@ -117,13 +120,21 @@ class GpuPreprocessor:
         fp16: bool = False,
         stream: cuda.Stream | None = None,
         device: int = 0,
+        channel_order: str = "rgb",
+        scale: float = 1 / 255,
+        letterbox_align: str = "center",
+        pad_value: int = LETTERBOX_PAD,
     ) -> None:
         cuda.init(device)
         self.device = device
         self.dst_h, self.dst_w = dst_hw
-        self.mean = [float(m) for m in mean]
-        self.inv_std = [1.0 / float(s) for s in std]
+        k = float(scale) * 255.0  # the kernel divides by 255: fold the model's pixel scale into mean/std
+        self.mean = [float(m) / k for m in mean]
+        self.inv_std = [k / float(s) for s in std]
         self.letterbox = letterbox
+        self.bgr = channel_order == "bgr"
+        self.topleft = letterbox_align == "topleft"
+        self.pad_value = float(pad_value)
         self.fp16 = fp16
         self.kernel: Any = None
         self._staged: Any = None
@@ -178,11 +189,12 @@ class GpuPreprocessor:
             h, w, c = _frame_layout(frame.shape, frame.dtype)
             pitch = w * c
             src_ptr = self._stage(frame)
-        scale, (pad_x, pad_y), (new_h, new_w) = letterbox_geometry(h, w, self.dst_h, self.dst_w, self.letterbox)
+        scale, (pad_x, pad_y), (new_h, new_w) = letterbox_geometry(h, w, self.dst_h, self.dst_w, self.letterbox,
+                                                                    "topleft" if self.topleft else "center")
         out_ptr = dst_ptr + batch_index * 3 * self.dst_h * self.dst_w * self.out_itemsize
         grid, block = launch_config(self.dst_h, self.dst_w)
         args = kernel_args(src_ptr, h, w, pitch, c, out_ptr, self.dst_h, self.dst_w, (new_h, new_w), (pad_x, pad_y),
-                           LETTERBOX_PAD if self.letterbox else 0, self.mean, self.inv_std)
+                           self.pad_value if self.letterbox else 0.0, self.mean, self.inv_std, bgr=self.bgr)
         self.kernel.launch(grid, block, args, self.stream)
         if cai is not None:
             self._keep_alive(frame)

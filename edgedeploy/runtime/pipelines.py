@@ -95,6 +95,14 @@ def _meta_from_model(model: Any, imgsz: int | None) -> ArtifactMeta:
     size = imgsz or info.imgsz
     meta = ArtifactMeta(model=info.name, task=info.task, input_shape=["batch", 3, size, size], mean=list(info.mean),
                         std=list(info.std), letterbox=info.letterbox, builder="torch")
+    from edgedeploy.data.preprocess import InputConvention
+
+    ckpt_meta = getattr(model, "checkpoint_meta", None) or {}
+    if ckpt_meta.get("preprocess"):  # official weights (or fine-tuned from them): the original's convention
+        meta.set_convention(InputConvention.from_dict(ckpt_meta["preprocess"]))
+        meta.source = str(ckpt_meta.get("source", ""))
+    if ckpt_meta.get("class_names"):
+        meta.class_names = [str(c) for c in ckpt_meta["class_names"]]
     if info.task == "detect":
         meta.postprocess = {"nms": "none", "max_det": 100}
     return meta
@@ -156,10 +164,15 @@ class _Pipeline:
             return None
         from edgedeploy.runtime.gpu_preprocess import GpuPreprocessFallbackWarning, GpuPreprocessor
 
+        conv = self.meta.convention()
         try:
+            if conv.resize == "shorter_crop" or conv.interpolation != "linear":  # what the kernel implements
+                raise EdgeDeployError(f"the GPU kernel implements bilinear resize/letterbox, not this model's input "
+                                      f"convention (resize={conv.resize}, interpolation={conv.interpolation})")
             stream = self.engine.stream if caps.stream else None  # PyTorch creates its stream on first use
-            return GpuPreprocessor(self.imgsz, self.meta.mean, self.meta.std, letterbox=self.meta.letterbox,
-                                   fp16=caps.fp16_io, stream=stream, device=self.engine.device_index)
+            return GpuPreprocessor(self.imgsz, conv.mean, conv.std, letterbox=conv.letterbox, fp16=caps.fp16_io,
+                                   stream=stream, device=self.engine.device_index, channel_order=conv.channel_order,
+                                   scale=conv.scale, letterbox_align=conv.letterbox_align, pad_value=conv.pad_value)
         except EdgeDeployError as e:  # CudaError included: NVRTC missing, driver older than the CUDA line, ...
             if wanted:
                 raise
@@ -186,7 +199,8 @@ class _Pipeline:
     # ---- preprocessing ------------------------------------------------------------------------------------------
     def _geometry(self, frame: Any) -> _Geometry:
         h, w = _frame_hw(frame)
-        scale, pad, new_hw = letterbox_geometry(h, w, *self.imgsz, self.meta.letterbox)
+        scale, pad, new_hw = letterbox_geometry(h, w, *self.imgsz, self.meta.letterbox,
+                                                self.meta.convention().letterbox_align)
         return _Geometry(h, w, scale, pad, new_hw)
 
     def preprocess(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, list[_Geometry]]:
@@ -195,8 +209,7 @@ class _Pipeline:
 
         batch, geoms = [], []
         for f in frames:
-            x, _, _ = to_input_tensor(f, self.imgsz, self.meta.mean, self.meta.std, letterboxed=self.meta.letterbox,
-                                      dtype=self.input_dtype)
+            x, _, _ = to_input_tensor(f, self.imgsz, dtype=self.input_dtype, convention=self.meta.convention())
             batch.append(x)
             geoms.append(self._geometry(f))
         return np.concatenate(batch, axis=0), geoms

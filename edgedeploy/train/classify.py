@@ -300,10 +300,13 @@ def train_classifier(
         "weight_decay": cfg["weight_decay"], "label_smoothing": label_smoothing, "ema": bool(ema),
         "warmup_epochs": warmup_epochs, "num_classes": num_classes,
     }
+    from edgedeploy.data.preprocess import InputConvention
+
     meta = {
         "model_name": info.name, "task": "classify", "num_classes": len(class_names), "class_names": class_names,
         "imgsz": cfg["imgsz"], "mean": list(info.mean), "std": list(info.std), "data": str(data_root),
         "train_args": train_args,
+        "preprocess": InputConvention.from_info(info).to_dict(),  # the input convention travels with the weights
     }
 
     start_epoch, best_top1 = 0, -1.0

@@ -87,6 +87,7 @@ def evaluate_detector(
     verbose: bool = True,
     desc: str = "eval",
     progress: bool = True,
+    convention=None,
 ) -> DetectionMetrics:
     """Run `predict_fn` over `dataset` and score it with pycocotools. Writes pr_curve.png into `out_dir`."""
     import torch
@@ -95,7 +96,7 @@ def evaluate_detector(
 
     from edgedeploy.data.detect_augment import LetterboxEvalSet
 
-    loader = DataLoader(LetterboxEvalSet(dataset, imgsz, mean, std), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    loader = DataLoader(LetterboxEvalSet(dataset, imgsz, mean, std, convention=convention), batch_size=batch_size, num_workers=num_workers, shuffle=False)
     results: list[dict] = []
     start = time.perf_counter()
     for x, indices, scales, pad_x, pad_y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
@@ -393,11 +394,14 @@ def run_eval_cli(args) -> int:
         predict = engine_predict_fn(load_engine(artifact), conf, iou, max_det)
     mean = meta.get("mean") or (info.mean if info else (0.0, 0.0, 0.0))
     std = meta.get("std") or (info.std if info else (1.0, 1.0, 1.0))
+    from edgedeploy.data.preprocess import InputConvention
+
+    convention = InputConvention.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
     out_dir = Path(getattr(args, "out", None) or artifact.parent)
     batch = int(getattr(args, "batch", None) or 8)
     metrics = evaluate_detector(
         predict, dataset, imgsz, mean=mean, std=std, batch_size=batch, num_workers=int(getattr(args, "workers", 0) or 0),
-        out_dir=out_dir, progress=progress,
+        out_dir=out_dir, progress=progress, convention=convention,
     )  # fmt: skip
     print(metrics.class_table())
     print(

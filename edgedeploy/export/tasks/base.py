@@ -132,14 +132,22 @@ class TaskAdapter:
         return images
 
     def preprocess(self, img_bgr: np.ndarray, info: "ModelInfo", imgsz: int) -> np.ndarray:
-        from edgedeploy.data.preprocess import to_input_tensor
+        from edgedeploy.data.preprocess import convention_for, to_input_tensor
 
-        x, _, _ = to_input_tensor(img_bgr, imgsz, info.mean, info.std, letterboxed=info.letterbox)
+        x, _, _ = to_input_tensor(img_bgr, imgsz, convention=convention_for(info))
         return x
 
     def sample_inputs(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         images = [self.preprocess(img, info, imgsz) for img in self.synthetic_images(info, imgsz, max(n - 1, 1), rng)]
-        images.append(rng.standard_normal((1, 3, imgsz, imgsz)).astype(np.float32))
+        noise = rng.standard_normal((1, 3, imgsz, imgsz)).astype(np.float32)
+        from edgedeploy.data.preprocess import InputConvention, convention_for
+
+        c = convention_for(info)
+        if c != InputConvention.from_info(info):  # the weights' own convention (e.g. BGR 0-255): noise in pixel
+            # units (128 +- 64, clipped to 0-255) mapped through it, so that it is on the scale the weights expect
+            m, sd = np.asarray(c.mean, np.float32).reshape(3, 1, 1), np.asarray(c.std, np.float32).reshape(3, 1, 1)
+            noise = ((np.clip(128 + 64 * noise, 0, 255) * np.float32(c.scale)) - m) / sd
+        images.append(noise.astype(np.float32))
         return images
 
     def load_eval_data(

@@ -445,7 +445,7 @@ class DetectAdapter(TaskAdapter):
             return super().load_eval_data(info, imgsz, source, n, rng)
         import dataclasses
 
-        from edgedeploy.data.preprocess import to_input_tensor
+        from edgedeploy.data.preprocess import convention_for, to_input_tensor
         from edgedeploy.data.yolo_format import load_yolo_dataset
 
         root, name = split
@@ -456,7 +456,7 @@ class DetectAdapter(TaskAdapter):
         sub = dataclasses.replace(ds, records=[ds.records[i] for i in picks])
         inputs, geometry = [], []
         for i in range(len(sub)):
-            x, scale, pad = to_input_tensor(sub.load_image(i), imgsz, info.mean, info.std, letterboxed=True)
+            x, scale, pad = to_input_tensor(sub.load_image(i), imgsz, convention=convention_for(info))
             inputs.append(x)
             geometry.append((scale, pad))
         return EvalData(inputs, {"dataset": sub, "geometry": geometry}, f"{root} ({name})", ds.skipped_images,
