@@ -114,7 +114,7 @@ def test_letterbox_border_is_the_pad_value_and_every_pixel_is_written():
 PLANTED = {
     "index arithmetic": ("int y = blockIdx.y * blockDim.y + threadIdx.y;", "int y = blockIdx.y * blockDim.x + threadIdx.y;"),
     "letterbox pad": ("int ix = x - pad_x, iy = y - pad_y;", "int ix = x - pad_y, iy = y - pad_x;"),
-    "channel order": ("int sc = src_c == 1 ? 0 : 2 - c;", "int sc = src_c == 1 ? 0 : c;"),
+    "channel order": ("int sc = src_c == 1 ? 0 : (bgr ? c : 2 - c);", "int sc = src_c == 1 ? 0 : (bgr ? 2 - c : c);"),
     "pad value": ("rgb[0] = rgb[1] = rgb[2] = pad_value;", "rgb[0] = rgb[1] = rgb[2] = 0.f;"),
 }
 

@@ -238,13 +238,15 @@ def test_triton_preprocess_follows_the_convention(conv_name, monkeypatch, tmp_pa
     meta = ArtifactMeta(model="yolox_nano", task="detect")
     meta.set_convention(conv)
     text = preprocess_config("p", meta, TensorSpec("images", "TYPE_FP32", [-1, 3, 96, 96]), 4)
-    params = dict(__import__("re").findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
+    found = __import__("re").findall(r'key: "(\w+)" value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', text)
+    params = {k: v.replace('\\"', '"') for k, v in found}
     model = ns["TritonPythonModel"]()
     cfg = {"parameters": {k: {"string_value": v} for k, v in params.items()},
            "output": [{"name": "images", "dims": [3, 96, 96], "data_type": "TYPE_FP32"}]}
     model.initialize({"model_config": __import__("json").dumps(cfg)})
     frame = _image()
-    x, sp = ns["preprocess"](frame, model.size, model.letterbox, model.mean, model.std, model.dtype, **model.conv)
+    assert model.convention == conv
+    x, sp = ns["preprocess"](frame, model.size, model.convention, model.dtype)
     ref, scale, pad = to_input_tensor(frame, 96, convention=conv)
     np.testing.assert_allclose(x, ref[0], rtol=1e-6, atol=1e-4)
     assert sp.tolist() == pytest.approx([scale, pad[0], pad[1]])

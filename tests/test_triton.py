@@ -106,11 +106,12 @@ def test_python_backend_preprocess_matches_cpu_reference(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
     ns: dict = {}
     exec(compile(PREPROCESS_MODEL_PY, "model.py", "exec"), ns)
-    from edgedeploy.data.preprocess import to_input_tensor
+    from edgedeploy.data.preprocess import InputConvention, to_input_tensor
 
     frame = np.random.default_rng(0).integers(0, 255, (120, 200, 3), dtype=np.uint8)
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
-    x, sp = ns["preprocess"](frame, (96, 96), True, mean, std)
+    conv = InputConvention(mean=tuple(mean.tolist()), std=tuple(std.tolist()), resize="letterbox")
+    x, sp = ns["preprocess"](frame, (96, 96), conv)
     ref, scale, pad = to_input_tensor(frame, 96, mean, std, letterboxed=True)
     np.testing.assert_allclose(x, ref[0], atol=1e-6)
     assert sp.tolist() == pytest.approx([scale, pad[0], pad[1]])

@@ -22,6 +22,7 @@ the ONNX it was built from: the file beside it whose sha256 the sidecar records)
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
