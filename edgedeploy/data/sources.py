@@ -46,7 +46,7 @@ class Recorded:
 
     @property
     def found(self) -> bool:
-        return self.path is not None and Path(self.path).exists()
+        return self.path is not None and self.path.lower() != SYNTHETIC and Path(self.path).exists()
 
 
 def recorded_data(meta: Mapping[str, Any]) -> Recorded:
@@ -104,9 +104,9 @@ def describe_layout(path: str | os.PathLike) -> str:
 # ----------------------------------------------------------------------------------------- split images
 
 
-def split_images(root: str | os.PathLike, task: str, split: str) -> tuple[list[Path], str]:
-    """The image files of `split` in the dataset at `root` (any supported layout for `task`) and where they are,
-    in words. Raises DatasetError when the split is not there."""
+def split_images(root: str | os.PathLike, task: str, split: str) -> tuple[list[Path], Path, str]:
+    """(image files, their folder, layout in words) of `split` in the dataset at `root`, in any supported layout
+    for `task`. Raises DatasetError when the split is not there."""
     from edgedeploy.data.imagefolder import IMAGE_EXTENSIONS, find_split_dir
 
     root = Path(root)
@@ -116,24 +116,24 @@ def split_images(root: str | os.PathLike, task: str, split: str) -> tuple[list[P
 
     if task == "classify":
         folder = find_split_dir(root, split)
-        return files_in(folder), f"{folder} (ImageFolder)"
+        return files_in(folder), folder, "ImageFolder"
     if task == "detect":
         from edgedeploy.data.coco import find_coco_split
         from edgedeploy.data.yolo_format import find_yolo_split
 
         coco = None if root.is_file() else find_coco_split(root, split)
         if coco is not None:
-            return files_in(coco[1]), f"{coco[1]} (COCO json {coco[0].name})"
+            return files_in(coco[1]), coco[1], f"COCO json {coco[0].name}"
         found = find_yolo_split(root, split)
         if found is None:
             raise DatasetError(f"{root}: no {split} split (expected images/{split} + labels/{split}, a data YAML "
                                f"with `{split}:`, or annotations/instances_{split}.json)")
-        return files_in(found[0]), f"{found[0]} ({describe_layout(root)})"
+        return files_in(found[0]), found[0], describe_layout(root)
     if task == "segment":
         from edgedeploy.data.voc import find_pairs
 
         pairs, _ = find_pairs(root, split)
-        return [img for img, _ in pairs], f"{root} {split} split ({describe_layout(root)})"
+        return [img for img, _ in pairs], pairs[0][0].parent, describe_layout(root)
     raise DatasetError(f"no dataset layout known for task {task!r}")
 
 

@@ -236,8 +236,9 @@ def find_yolo_split(root: str | os.PathLike, split: str) -> tuple[Path, Path] | 
     spec = find_data_yaml(root)
     if spec is not None:
         data = read_data_yaml(spec)
-        images = data.images_dir(split)
-        return images, labels_dir_for(images)
+        if any(name in data.splits for name in SPLIT_ALIASES.get(split, (split,))) or not (root / "images" / split).is_dir():
+            images = data.images_dir(split)
+            return images, labels_dir_for(images)
     for name in SPLIT_ALIASES.get(split, (split,)):
         for images, labels in ((root / "images" / name, root / "labels" / name), (root / name / "images", root / name / "labels")):
             if images.is_dir():

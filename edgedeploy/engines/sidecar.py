@@ -31,6 +31,9 @@ class ArtifactMeta:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     letterbox: bool = False  # detection input is letterboxed (pad 114), classifiers are resized
     class_names: list[str] = field(default_factory=list)
+    # The training data as the checkpoint recorded it ({"path": absolute, "as_typed", "layout", "synthetic", ...}):
+    # `deploy eval ARTIFACT` uses it when no --data is given.
+    data: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # "fp32" | "fp16" | "int8"
     batch: dict[str, int] = field(default_factory=lambda: {"min": 1, "opt": 1, "max": 1})
     # Task-specific output description, e.g. {"nms": "onnx", "max_det": 100, "boxes": "xyxy"} for detectors,

@@ -285,6 +285,7 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
     val_ds = open_detection_data(cfg.data, "val", imgsz, synthetic)
     if val_ds.names != train_ds.names:
         raise DatasetError(f"train and val splits disagree on class names: {train_ds.names} vs {val_ds.names}")
+    print(f"data: {train_ds.root} ({train_ds.layout or train_ds.format})")
     print(train_ds.summary())
     print(val_ds.summary())
     names = train_ds.names
@@ -321,7 +322,7 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
 
     meta = {
         "model_name": info.name, "family": info.family, "task": "detect", "num_classes": len(names),
-        "class_names": list(names), "imgsz": imgsz, "data": _data_ref(cfg.data), "mean": list(info.mean),
+        "class_names": list(names), "imgsz": imgsz, "data": _data_ref(cfg.data), "data_as_typed": str(cfg.data), "mean": list(info.mean),
         "std": list(info.std), "letterbox": True, "epochs": cfg.epochs,
     }  # fmt: skip
     if str(cfg.data).lower() == "synthetic":
