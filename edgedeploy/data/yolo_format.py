@@ -187,6 +187,7 @@ def read_data_yaml(path: str | os.PathLike) -> DataYaml:
     names = _names_from(cfg["names"], path)
     base = cfg.get("path")
     root = path.parent if not base else (Path(str(base)) if Path(str(base)).is_absolute() else path.parent / str(base))
+    root = root.resolve()
     splits: dict[str, Path] = {}
     for key in ("train", "val", "test"):
         value = cfg.get(key)
@@ -207,7 +208,7 @@ def read_data_yaml(path: str | os.PathLike) -> DataYaml:
         splits[key] = folder
     if not splits:
         raise DatasetError(f"{path}: no `train:`/`val:` folder given")
-    return DataYaml(path, root.resolve(), splits, names)
+    return DataYaml(path, root, splits, names)
 
 
 def read_class_names(root: str | os.PathLike) -> list[str] | None:
