@@ -140,11 +140,14 @@ def find_data_yaml(root: str | os.PathLike) -> Path | None:
         return root if root.suffix.lower() in (".yaml", ".yml") else None
     if not root.is_dir():
         return None
+    def is_spec(p: Path) -> bool:  # a data.yaml with `names` only just lists the classes of a YOLO folder
+        cfg = _load_yaml(p)
+        return "names" in cfg and ("train" in cfg or "val" in cfg)
+
     for name in DATA_YAML_NAMES:
         if (root / name).is_file():
-            return root / name
-    found = [p for p in sorted(root.glob("*.y*ml")) if p.suffix.lower() in (".yaml", ".yml")]
-    found = [p for p in found if (lambda c: "names" in c and ("train" in c or "val" in c))(_load_yaml(p))]
+            return root / name if is_spec(root / name) else None
+    found = [p for p in sorted(root.glob("*.y*ml")) if p.suffix.lower() in (".yaml", ".yml") and is_spec(p)]
     return found[0] if len(found) == 1 else None
 
 
