@@ -146,12 +146,18 @@ class TaskAdapter:
     def images(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         """`n` uint8 BGR images: the model's own data when the pipeline set `image_files`, else synthetic renders."""
         if self.image_files:
-            from edgedeploy.export.calibration import read_image_files
+            from edgedeploy.export.calibration import read_image
 
             files = list(self.image_files)
-            picks = [files[int(i)] for i in rng.choice(len(files), size=min(n, len(files)), replace=False)]
-            images, _ = read_image_files(picks, None, "the dataset's images")
-            return [images[i % len(images)] for i in range(n)]
+            images = []
+            for i in rng.permutation(len(files)):  # random files, corrupt ones passed over
+                img = read_image(files[int(i)])
+                if img is not None:
+                    images.append(img)
+                if len(images) == n:
+                    break
+            if images:
+                return [images[i % len(images)] for i in range(n)]
         return self.synthetic_images(info, imgsz, n, rng)
 
     def sample_inputs(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
