@@ -329,3 +329,25 @@ def test_camvid_wrong_ignore_index_or_classes_refused_writing_nothing(camvid, tm
     onnx = tmp / "b" / "exp" / "lraspp_mobilenetv3_small" / "lraspp_mobilenetv3_small.onnx"
     assert _cli(tmp_path / "w", monkeypatch, "eval", str(onnx), "--data", str(other), "--quiet") == 1
     assert "labels would not line up" in capsys.readouterr().err
+
+
+def test_agreement_is_printed_with_the_digits_that_show_a_difference():
+    from edgedeploy.export.pipeline import _fraction
+
+    assert _fraction(0.9995, "agreement") == "0.9995"  # was "1.000"
+    assert _fraction(0.99999, "agreement") == "0.99999"
+    assert _fraction(1.0, "agreement") == "1.0000" and _fraction(0.765, "top1") == "0.765"
+    assert _fraction(0.99996, "top1") == "0.99996"
+
+
+def test_yolo_split_tolerates_and_names_other_formats(ultralytics, tmp_path):
+    from edgedeploy.data.yolo_format import open_detection_dataset
+
+    _, root, yaml_file = ultralytics
+    copy = tmp_path / "tiny"
+    shutil.copytree(root, copy)
+    (tmp_path / "tiny.yaml").write_text(yaml_file.read_text().replace("path: ../tiny", "path: tiny"))
+    Image.new("RGB", (8, 8)).save(copy / "images" / "val2017" / "clip.gif")
+    ds = open_detection_dataset(tmp_path / "tiny.yaml", "val")
+    assert len(ds) == 6 and ds.skipped_images == 1 and ds.names == ["square", "disc"]
+    assert any("clip.gif" in str(i) for i in ds.issues) and "1 unreadable images skipped" in ds.summary()

@@ -330,7 +330,9 @@ def load_yolo_dataset(root: str | os.PathLike, split: str = "train", names: list
     images_dir, labels_dir = found
     spec = find_data_yaml(root)
     names = names or (read_data_yaml(spec).names if spec is not None else read_class_names(root))
-    image_paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    all_files = sorted(p for p in images_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    image_paths = [p for p in all_files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    other_formats = [p for p in all_files if p.suffix.lower() not in IMAGE_EXTENSIONS]
     if not image_paths:
         raise DatasetError(f"{images_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     if not labels_dir.is_dir() or not any(labels_dir.rglob("*.txt")):
@@ -341,8 +343,9 @@ def load_yolo_dataset(root: str | os.PathLike, split: str = "train", names: list
         )
 
     records: list[DetectionRecord] = []
-    issues: list[DatasetIssue] = []
-    skipped = 0
+    issues: list[DatasetIssue] = [DatasetIssue(p, None, f"{p.suffix or 'no suffix'}: not an image format read here "
+                                               f"({', '.join(IMAGE_EXTENSIONS)}), skipped") for p in other_formats]
+    skipped = len(other_formats)
     used_labels: set[Path] = set()
     max_cls = -1
     for path in tqdm(image_paths, desc=f"index {split}", unit="img", leave=False, disable=len(image_paths) < 500):

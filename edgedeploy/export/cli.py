@@ -119,7 +119,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model:
         args.model = _model_from_checkpoint(args.weights)
-    options = task_options(args, get_model_info(args.model).task)
+    task = get_model_info(args.model).task
+    options = task_options(args, task)
+    if args.ignore_index is not None and task != "segment":
+        raise EdgeDeployError(f"--ignore-index applies to segment models; {args.model} is a {task} model")
 
     report = export(
         args.model,

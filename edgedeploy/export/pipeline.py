@@ -496,7 +496,8 @@ class _Exporter:
     def step_fp16(self, fp32_path: Path, base_key: str) -> Path:
         path = self.path(".fp16.onnx")
         opts = self.o
-        key = _key("fp16", base_key, opts.fp16_io, opts.eval_data, opts.eval_images, self.adapter.fp16_op_block_list(opts))
+        key = _key("fp16", base_key, opts.fp16_io, opts.eval_data, opts.eval_images, opts.ignore_index,
+                   self.adapter.fp16_op_block_list(opts))
         if self.reusable("fp16", key):
             self.record(self.report_prev("fp16"))
             return path
