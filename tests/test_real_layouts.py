@@ -255,6 +255,10 @@ def test_ultralytics_bad_input_names_file_and_fix(ultralytics, tmp_path, monkeyp
 VOID = 11
 
 
+def CAMVID_COLOURS(k: int) -> tuple[int, int, int]:  # noqa: N802
+    return (k * 23 % 256, k * 61 % 256, k * 97 % 256)
+
+
 @pytest.fixture(scope="module")
 def camvid(tmp_path_factory, no_synthetic):
     """11 classes + void 11: class k is a horizontal band of grey level 20k, with void pixels along its border."""
@@ -274,7 +278,9 @@ def camvid(tmp_path_factory, no_synthetic):
             img = np.stack([m * 20, 255 - m * 20, (m * 37) % 256], -1)
             img = np.clip(img + rng.integers(-10, 11, img.shape), 0, 255).astype(np.uint8)
             cv2.imwrite(str(root / split / f"f{i:03d}.png"), img)
-            Image.fromarray(mask, mode="L").save(root / f"{split}annot" / f"f{i:03d}.png")
+            annot = Image.fromarray(mask, mode="L").convert("P")  # index masks with a colour per class
+            annot.putpalette([c for k in range(256) for c in CAMVID_COLOURS(k)])
+            annot.save(root / f"{split}annot" / f"f{i:03d}.png")
     return tmp, root
 
 
@@ -299,6 +305,7 @@ def test_camvid_void_11_train_export_int8_eval_from_elsewhere(camvid, monkeypatc
     onnx = tmp / "b" / "exp" / model / f"{model}.int8.onnx"
     side = json.loads(Path(str(onnx) + ".json").read_text())
     assert side["postprocess"]["ignore_index"] == VOID and side["data"]["path"] == str(root.resolve())
+    assert side["postprocess"]["palette"] == [list(CAMVID_COLOURS(k)) for k in range(11)]  # class colours travel
 
     assert _cli(tmp / "c", monkeypatch, "eval", str(onnx), "--quiet", "--json", "scores.json") == 0
     screen = capsys.readouterr().out

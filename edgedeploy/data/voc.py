@@ -83,6 +83,21 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def mask_palette(path: str | os.PathLike, num_classes: int) -> list[list[int]] | None:
+    """The RGB colour of each class id in a palette ("P") mask, as VOC ships them; None for grey masks."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            flat = im.getpalette() if im.mode == "P" else None
+    except OSError:
+        return None
+    if not flat:
+        return None
+    flat = list(flat) + [0] * max(0, 3 * num_classes - len(flat))
+    return [flat[3 * i:3 * i + 3] for i in range(num_classes)]
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) from the header only."""
     from PIL import Image

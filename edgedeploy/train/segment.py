@@ -161,7 +161,7 @@ def train_segmentation(
     the arguments it was started with. `weights` initialises from a checkpoint (torchvision's included).
     """
     from edgedeploy.data.sources import record_data
-    from edgedeploy.data.voc import dataset_summary, open_segmentation_data
+    from edgedeploy.data.voc import dataset_summary, mask_palette, open_segmentation_data
     from edgedeploy.models.registry import create_model, get_model_info
     from edgedeploy.train.segment_eval import evaluate_segmenter, torch_predict_fn
 
@@ -256,6 +256,7 @@ def train_segmentation(
         "model_name": info.name, "task": "segment", "num_classes": len(class_names), "class_names": class_names,
         "imgsz": cfg["imgsz"], "ignore_index": ignore_index, "mean": list(info.mean), "std": list(info.std),
         **record_data(data, train_ds.pairs[0][0].parent.parent.parent if is_synthetic else None),
+        "palette": mask_palette(train_ds.pairs[0][1], len(class_names)),  # None for grey masks
         "train_args": train_args,
     }
 
