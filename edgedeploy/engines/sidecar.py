@@ -36,6 +36,9 @@ class ArtifactMeta:
     preprocess: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # where the weights came from when not ours, e.g. "megvii-yolox"
     class_names: list[str] = field(default_factory=list)
+    # The training data as the checkpoint recorded it ({"path": absolute, "as_typed", "layout", "synthetic", ...}):
+    # `deploy eval ARTIFACT` uses it when no --data is given.
+    data: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # "fp32" | "fp16" | "int8"
     batch: dict[str, int] = field(default_factory=lambda: {"min": 1, "opt": 1, "max": 1})
     # Task-specific output description, e.g. {"nms": "onnx", "max_det": 100, "boxes": "xyxy"} for detectors,

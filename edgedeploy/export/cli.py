@@ -43,17 +43,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         default=[], metavar="OP[,OP...]",
                         help="more ONNX op types to keep in FP32 in the FP16 model (e.g. MatMul,Add)")
     parser.add_argument("--int8", action="store_true", help="also write an INT8 Q/DQ ONNX (and engine)")
-    parser.add_argument("--calib", metavar="DIR|synthetic", help="INT8 calibration images (default: the "
-                        "checkpoint's training images when it records them, else synthetic)")
+    parser.add_argument("--calib", metavar="DIR|synthetic", help="INT8 calibration images: a folder of images, a "
+                        "dataset folder (its train split) or `synthetic` (default: the training images the checkpoint "
+                        "records; an error when they are gone)")
     parser.add_argument("--calib-images", type=int, default=64)
     parser.add_argument("--calib-method", choices=("auto", "minmax", "ema", "percentile", "entropy"), default="auto",
                         help="activation range: percentile (clips rare outliers), minmax (memory-bounded), ema "
                              "(moving-average minmax), entropy (KL, TensorRT's classic); auto = ema for detectors, "
                              "else percentile when its histograms fit in memory, else minmax")
     parser.add_argument("--eval-data", metavar="DIR|synthetic",
-                        help="held-out images for FP16/INT8 accuracy (ImageFolder layout gives top-1; default: the "
-                             "checkpoint's val split when it records its dataset, else synthetic)")
-    parser.add_argument("--eval-images", type=int, default=64)
+                        help="held-out data for FP16/INT8 accuracy: a labelled dataset folder (its val split: top-1, "
+                             "mAP or mIoU), a folder of images (agreement only) or `synthetic` (default: the val "
+                             "split of the dataset the checkpoint records; an error when it is gone)")
+    parser.add_argument("--eval-images", type=int, default=None, metavar="N",
+                        help="cap the held-out set at N evenly spaced images (default: the whole split)")
+    parser.add_argument("--ignore-index", type=int, default=None,
+                        help="segmentation: mask value left out of mIoU (default: the checkpoint's, else 255)")
     parser.add_argument("--builder", choices=("auto", "tensorrt", "tensorrt-rtx", "none"), default="auto")
     parser.add_argument("--workspace", type=int, metavar="MB", help="TensorRT workspace memory-pool limit")
     parser.add_argument("--timing-cache", help="timing cache file (default OUT/<model>/timing.cache)")
@@ -119,7 +124,10 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model:
         args.model = _model_from_checkpoint(args.weights)
-    options = task_options(args, get_model_info(args.model).task)
+    task = get_model_info(args.model).task
+    options = task_options(args, task)
+    if args.ignore_index is not None and task != "segment":
+        raise EdgeDeployError(f"--ignore-index applies to segment models; {args.model} is a {task} model")
 
     report = export(
         args.model,
@@ -142,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         calib_method=args.calib_method,
         eval_data=args.eval_data,
         eval_images=args.eval_images,
+        ignore_index=args.ignore_index,
         builder=args.builder,
         workspace_mb=args.workspace,
         timing_cache=args.timing_cache,

@@ -292,18 +292,21 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
         synthetic = saved.get("synthetic") or synthetic
         cfg.data = saved.get("data", cfg.data)
         cfg.epochs = cfg.epochs or saved.get("epochs")
+
+    cfg.epochs = int(cfg.epochs or DEFAULT_EPOCHS)
+    # the data is read before the run folder exists: a dataset problem leaves nothing behind
+    train_ds = open_detection_data(cfg.data, "train", imgsz, synthetic)
+    val_ds = open_detection_data(cfg.data, "val", imgsz, synthetic)
+    if val_ds.names != train_ds.names:
+        raise DatasetError(f"train and val splits disagree on class names: {train_ds.names} vs {val_ds.names}")
+    if resume_path is not None:
         out = resume_path.parent
     elif cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
     else:
         out = run_dir(cfg.project, cfg.name or info.name)
-
-    cfg.epochs = int(cfg.epochs or DEFAULT_EPOCHS)
-    train_ds = open_detection_data(cfg.data, "train", imgsz, synthetic)
-    val_ds = open_detection_data(cfg.data, "val", imgsz, synthetic)
-    if val_ds.names != train_ds.names:
-        raise DatasetError(f"train and val splits disagree on class names: {train_ds.names} vs {val_ds.names}")
+    print(f"data: {train_ds.root} ({train_ds.layout or train_ds.format})")
     print(train_ds.summary())
     print(val_ds.summary())
     names = train_ds.names
@@ -351,7 +354,7 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
 
     meta = {
         "model_name": info.name, "family": info.family, "task": "detect", "num_classes": len(names),
-        "class_names": list(names), "imgsz": imgsz, "data": _data_ref(cfg.data), "mean": list(info.mean),
+        "class_names": list(names), "imgsz": imgsz, "data": _data_ref(cfg.data), "data_as_typed": str(cfg.data), "mean": list(info.mean),
         "std": list(info.std), "letterbox": True, "epochs": cfg.epochs,
         "preprocess": convention.to_dict(), "weights_source": weights_source,
     }  # fmt: skip

@@ -368,7 +368,7 @@ def run_eval_cli(args) -> int:
     iou = float(getattr(args, "iou_thres", EVAL_IOU))
     max_det = int(getattr(args, "max_det", EVAL_MAX_DET))
     progress = not getattr(args, "quiet", False)
-    meta = read_detector_meta(artifact)
+    meta = {**(getattr(args, "recorded_meta", None) or {}), **read_detector_meta(artifact)}
     model_name = getattr(args, "model", None) or meta.get("model_name")
     info = get_model_info(model_name) if model_name else None
     imgsz = int(getattr(args, "imgsz", None) or meta.get("imgsz") or (info.imgsz if info else 0))
@@ -376,6 +376,7 @@ def run_eval_cli(args) -> int:
         raise EdgeDeployError(f"cannot tell the input size of {artifact.name}: pass --imgsz")
     data = getattr(args, "data", None) or meta.get("data") or "synthetic"
     dataset = open_detection_data(data, getattr(args, "split", None) or "val", imgsz, meta.get("synthetic"))
+    print(f"{dataset.layout or dataset.format}: {dataset.summary()}")
     trained = meta.get("class_names")
     if trained and list(trained) != list(dataset.names):
         raise EdgeDeployError(
