@@ -20,6 +20,7 @@ import numpy as np
 from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
 from edgedeploy.errors import BuilderUnavailableError, EdgeDeployError, EngineBuildError, ParityError
 from edgedeploy.export.options import BUILDERS, ExportOptions
+from edgedeploy.export.parity import ParityResult, figure as parity_figure, prove
 from edgedeploy.export.report import ExportReport, Step, load_report
 from edgedeploy.export.tasks.base import EvalData, TaskAdapter, get_task_adapter
 from edgedeploy.io import sha256_file
@@ -91,6 +92,42 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not enabled)
 
 
+REINIT_INPUTS = 16  # image-like inputs the re-initialisation calibrates BatchNorm statistics on
+RANDOM_WEIGHTS_LINE = ("random weights: parity proof only (no --weights: weights re-drawn from --seed {seed} and "
+                       "BatchNorm-calibrated so the outputs depend on the input; not a usable model)")
+
+
+def check_insensitive(result: ParityResult, flat: list[str], random_weights: bool, artifact: str,
+                      log: Callable[[str], None]) -> None:
+    """Record (and with user weights, print) outputs that barely move across the parity inputs."""
+    if not flat:
+        return
+    note = "outputs that barely depend on the input (weak evidence): " + ", ".join(flat)
+    result.notes.append(note)
+    if not random_weights:
+        log(f"  warning: {artifact}: {note}; trained weights or --data with real images give a stronger proof")
+
+
+def raise_if_failed(result: ParityResult, flat: list[str], random_weights: bool, artifact: str,
+                    report_path: Path | str) -> None:
+    """ParityError on a mismatch; InsensitiveProofError when re-initialised weights gave input-insensitive outputs
+    (a proof over such outputs cannot fail, so it is refused)."""
+    from edgedeploy.errors import InsensitiveProofError
+
+    if not result.passed:
+        raise ParityError(
+            f"{artifact} disagrees with PyTorch beyond rtol={result.rtol:g}, atol={result.atol:g}:\n{result.table()}\n"
+            f"details in {report_path}"
+        )
+    if flat and random_weights:
+        raise InsensitiveProofError(
+            f"parity proof of {artifact} refused: with re-initialised weights the outputs hardly depend on the input "
+            f"({', '.join(flat)}), so agreement within atol proves nothing:\n{result.table()}\n"
+            "This is a bug in the re-initialisation for this model (please report it); exporting with trained "
+            "--weights avoids it."
+        )
+
+
 class _Exporter:
     def __init__(self, options: ExportOptions, log: Callable[[str], None]):
         from edgedeploy.models.registry import get_model_info
@@ -132,6 +169,7 @@ class _Exporter:
         rtol, atol = self.adapter.parity_tolerance("fp32")
         self.rtol = options.rtol if options.rtol is not None else rtol
         self.atol = options.atol if options.atol is not None else atol
+        self.random_weights = bool(options.reinit if options.reinit is not None else not options.weights)
         self._model = None
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -227,7 +265,16 @@ class _Exporter:
             builder="torch.onnx",
             builder_version=self.report.environment.get("torch", ""),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            provenance=self.provenance(),
         )
+
+    def provenance(self) -> dict[str, Any]:
+        """What `deploy verify` needs to rebuild the identical PyTorch model and proof."""
+        o = self.o
+        return {"weights": str(Path(o.weights).resolve()) if o.weights else None, "weights_sha256": self.weights_sha,
+                "random_weights": self.random_weights, "seed": o.seed, "num_classes": o.num_classes,
+                "imgsz": self.imgsz, "task_options": dict(o.task_options), "parity_inputs": o.parity_inputs,
+                "rtol": self.rtol, "atol": self.atol}
 
     def write_onnx_sidecar(self, onnx_path: Path, precision: str, input_dtype: str = "float32") -> None:
         m = self.meta(precision, input_dtype)
@@ -246,12 +293,12 @@ class _Exporter:
         model = create_model(self.name, num_classes=self.o.num_classes or self.ckpt_meta.get("num_classes"),
                              weights=self.o.weights).eval()
         wrapped = self.adapter.wrap_for_export(model, self.o).eval()
-        reinit = self.o.reinit if self.o.reinit is not None else not self.o.weights
-        self.reinit_info = {"reinitialised": bool(reinit)}
-        if reinit:
+        self.reinit_info = {"reinitialised": self.random_weights}
+        if self.random_weights:
             from edgedeploy.export.weights import reinitialise_for_parity
 
-            sample = np.concatenate(self.adapter.sample_inputs(self.info, self.imgsz, 4, self.rng(9)))
+            # 16 inputs: BatchNorm statistics from 4 left MobileNetV3's logits 30-150x larger on other images
+            sample = np.concatenate(self.adapter.sample_inputs(self.info, self.imgsz, REINIT_INPUTS, self.rng(9)))
             reinit_fn = getattr(self.adapter, "reinitialise_for_parity", reinitialise_for_parity)  # task-specific if any
             self.reinit_info.update(reinit_fn(wrapped, sample, seed=self.o.seed))
         self._model = wrapped
@@ -301,6 +348,15 @@ class _Exporter:
     def report_prev(self, name: str) -> Step:
         return self.previous.step(name)  # type: ignore[union-attr]
 
+    def parity_reference(self) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """(input batch, PyTorch outputs) pairs, shared by the raw and simplified proofs."""
+        if not hasattr(self, "_parity_ref"):
+            from edgedeploy.export.runners import TorchRunner
+
+            torch_run = TorchRunner(self.model())
+            self._parity_ref = [(x, torch_run(x)) for x in self.parity_batches()]
+        return self._parity_ref
+
     def step_parity(self, name: str, onnx_path: Path, key: str) -> None:
         if not getattr(self.adapter, "runs_in_onnxruntime", lambda _o: True)(self.o):  # e.g. a TensorRT plugin node
             self.record(Step(name, "skipped", 0.0, "graph has a TensorRT plugin op: not runnable in ONNX Runtime",
@@ -309,34 +365,17 @@ class _Exporter:
         if self.reusable(name, key):
             self.record(self.report_prev(name))
             return
-        from edgedeploy.export.runners import OrtRunner, TorchRunner
+        from edgedeploy.export.runners import OrtRunner
 
         t0 = time.perf_counter()
-        ort_run = OrtRunner(onnx_path)
-        if not hasattr(self, "_parity_ref"):  # torch outputs are shared by the raw and simplified proofs
-            torch_run = TorchRunner(self.model())
-            batches = self.parity_batches()
-            self._parity_ref = [(x, torch_run(x)) for x in batches]
-        result = None
-        batches = [x for x, _ in self._parity_ref]
-        for x, ref in self._parity_ref:
-            r = self.adapter.compare(self.output_names, ref, ort_run(x), self.rtol, self.atol)
-            r.n_inputs = x.shape[0]
-            result = r if result is None else result.merge(r)
-        assert result is not None
-        result.notes.append(f"batches: {[int(b.shape[0]) for b in batches]}")
-        low = [o.name for o in result.outputs if o.ref_std < 0.1 and o.total > 1]
-        if low:
-            result.notes.append(f"outputs with reference std < 0.1 (weak evidence): {low}")
-        step = Step(name, "ok" if result.passed else "failed", time.perf_counter() - t0,
-                    f"max_abs {result.max_abs:.2e}, cos {result.min_cosine:.6f} (rtol {self.rtol:g}, atol {self.atol:g})",
-                    {**result.to_dict(), "table": result.table()}, key if result.passed else "", [])
+        result, flat = prove(self.adapter.compare, self.output_names, self.parity_reference(), OrtRunner(onnx_path),
+                             self.rtol, self.atol)
+        check_insensitive(result, flat, self.random_weights, onnx_path.name, self.log)
+        ok = result.passed and not (flat and self.random_weights)
+        step = Step(name, "ok" if ok else "failed", time.perf_counter() - t0, parity_figure(result),
+                    {**result.to_dict(), "table": result.table()}, key if ok else "", [])
         self.record(step)
-        if not result.passed:
-            raise ParityError(
-                f"{onnx_path.name} disagrees with PyTorch beyond rtol={self.rtol:g}, atol={self.atol:g}:\n{result.table()}\n"
-                f"details in {self.out / 'export_report.json'}"
-            )
+        raise_if_failed(result, flat, self.random_weights, onnx_path.name, self.out / "export_report.json")
 
     def step_simplify(self, raw: Path, onnx_key: str) -> Path:
         path = self.path(".onnx")
@@ -543,6 +582,8 @@ class _Exporter:
         from tqdm import tqdm
 
         o = self.o
+        if self.random_weights:
+            self.log(RANDOM_WEIGHTS_LINE.format(seed=o.seed))
         self.log(f"export {self.name} ({self.info.task}) imgsz={self.imgsz} batch={o.batch_shape} -> {self.out}")
         planned = 5 + int(o.fp16) + int(o.int8)
         with tqdm(total=planned, desc=f"export {self.name}", unit="step", leave=False, disable=not o.progress) as bar:

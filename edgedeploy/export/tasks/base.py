@@ -14,8 +14,9 @@ The pipeline (edgedeploy.export.pipeline) is task-agnostic. It asks the model's 
                                      gives no directory. Override with something that fires the task's head.
 - `preprocess(img_bgr, info, imgsz)` image -> (1, 3, imgsz, imgsz) float32 network input. Default: the CPU
                                      reference in edgedeploy.data.preprocess (letterbox iff info.letterbox).
-- `sample_inputs(info, imgsz, n, rng)`  parity inputs, each (1, 3, H, W) float32: preprocessed synthetic images
-                                     plus one N(0, 1) tensor (random inputs reach value ranges images do not).
+- `sample_inputs(info, imgsz, n, rng)`  parity inputs, each (1, 3, H, W) float32: preprocessed synthetic images,
+                                     and two uniform [0, 1) tensors (the classic recipe's inputs: random inputs reach
+                                     patterns images do not).
 - `compare(names, torch_outs, onnx_outs, rtol, atol)` -> ParityResult. Default: assert_allclose on every
                                      output. Override when an output is discrete (NMS indices, argmax masks)
                                      and must be compared differently (e.g. matched boxes, pixel agreement).
@@ -138,8 +139,11 @@ class TaskAdapter:
         return x
 
     def sample_inputs(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-        images = [self.preprocess(img, info, imgsz) for img in self.synthetic_images(info, imgsz, max(n - 1, 1), rng)]
-        images.append(rng.standard_normal((1, 3, imgsz, imgsz)).astype(np.float32))
+        images = [self.preprocess(img, info, imgsz) for img in self.synthetic_images(info, imgsz, max(n - 2, 1), rng)]
+        # Uniform [0, 1) tensors, the classic torch -> ONNX recipe's inputs. Not N(0, 1): on BatchNorm-calibrated
+        # re-initialised weights its activations run 5-20x the calibrated scale and float noise with them
+        # (efficientnet_b0: logits std 3.4 vs 0.23 on images, max |torch - ORT| 9e-5 vs 2e-6).
+        images += [rng.random((1, 3, imgsz, imgsz), dtype=np.float32) for _ in range(2)]
         return images
 
     def load_eval_data(
@@ -156,7 +160,8 @@ class TaskAdapter:
 
     # --- judging -------------------------------------------------------------------------------------------
     def parity_tolerance(self, precision: str = "fp32") -> tuple[float, float]:
-        return (1e-3, 1e-4)
+        """The classic torch -> ONNX recipe's: assert_allclose(rtol=1e-3, atol=1e-5)."""
+        return (1e-3, 1e-5)
 
     def compare(
         self,

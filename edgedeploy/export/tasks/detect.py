@@ -308,8 +308,11 @@ class DetectAdapter(TaskAdapter):
     def reinitialise_for_parity(self, module: "nn.Module", sample: np.ndarray, seed: int = 0) -> dict[str, float]:
         """Parity without trained weights (the pipeline's hook): see `make_detector_realistic`. The generic
         re-init (random BN statistics) collapses a detector's scores to one value, and ties make NMS arbitrary."""
+        from edgedeploy.export.weights import seeded_redraw
+
         torch = _torch()
         detector = getattr(module, "model", module)
+        seeded_redraw(detector, seed)  # every parameter from the seed: same seed, bit-identical weights
         make_detector_realistic(detector, sample, seed)
         with torch.no_grad():
             _, scores = detector(torch.as_tensor(np.ascontiguousarray(sample)))
