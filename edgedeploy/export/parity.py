@@ -35,6 +35,8 @@ class ParityResult:
     outputs: list[OutputParity] = field(default_factory=list)
     n_inputs: int = 0
     notes: list[str] = field(default_factory=list)
+    # output name -> spread across the parity inputs (`output_spread`), for the outputs the check applies to
+    spreads: dict[str, float] = field(default_factory=dict)
 
     @property
     def max_abs(self) -> float:
@@ -47,8 +49,7 @@ class ParityResult:
     @property
     def min_spread(self) -> float | None:
         """The smallest spread over the outputs the sensitivity check applies to (None: not measured)."""
-        values = [o.spread for o in self.outputs if o.spread is not None]
-        return min(values) if values else None
+        return min(self.spreads.values()) if self.spreads else None
 
     @property
     def min_cosine(self) -> float:
@@ -95,8 +96,10 @@ class ParityResult:
                 f"{o.name:<16}{str(o.shape):<22}{o.max_abs:>11.3g}{o.max_rel:>11.3g}{o.cosine:>10.6f}{spread:>11}"
                 f"{f'{o.mismatched}/{o.total}':>14}  {'yes' if o.passed else 'NO'}"
             )
-        rows.append(f"tolerance: rtol={self.rtol:g} atol={self.atol:g} over {self.n_inputs} input(s); spread = "
-                    "std across the inputs, mean over elements (needs >= 100 x atol)")
+        rows.append(f"tolerance: rtol={self.rtol:g} atol={self.atol:g} over {self.n_inputs} input(s)")
+        if self.spreads:
+            rows.append("spread (std across the inputs, mean over elements; needs >= 100 x atol): "
+                        + ", ".join(f"{n} {v:.3g}" for n, v in self.spreads.items()))
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +182,7 @@ def check_spread(result: ParityResult, names: Sequence[str], per_input: Sequence
         if name in by_name:
             by_name[name].spread = spreads[name][0]
     floats = {n: s for n, (s, is_float) in spreads.items() if is_float}
+    result.spreads = floats or {n: s for n, (s, _) in spreads.items()}
     if floats:
         return [f"{n} (spread {s:.3g} < {factor:g} x atol {atol:g})" for n, s in floats.items() if s < factor * atol]
     if spreads and all(s == 0.0 for s, _ in spreads.values()):

@@ -92,7 +92,15 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not enabled)
 
 
-REINIT_INPUTS = 16  # image-like inputs the re-initialisation calibrates BatchNorm statistics on
+def reinit_inputs(imgsz: int) -> int:
+    """Image-like inputs the re-initialisation calibrates BatchNorm statistics on: enough that the deepest
+    (stride-32) layers see >= 1024 values per channel, 16 to 256 inputs. With fewer, statistics of a 2x2 map
+    over a handful of images left MobileNetV3's logits 10-30x larger on other images than on those, and float
+    noise with them (mobilenetv3_large at 224 px with 4 inputs, mobilenetv3_small at 64 px with 16)."""
+    cells = max(1, (imgsz // 32) ** 2)
+    return int(min(256, max(16, -(-1024 // cells))))
+
+
 RANDOM_WEIGHTS_LINE = ("random weights: parity proof only (no --weights: weights re-drawn from --seed {seed} and "
                        "BatchNorm-calibrated so the outputs depend on the input; not a usable model)")
 
@@ -129,7 +137,8 @@ def raise_if_failed(result: ParityResult, flat: list[str], random_weights: bool,
 
 
 class _Exporter:
-    def __init__(self, options: ExportOptions, log: Callable[[str], None]):
+    def __init__(self, options: ExportOptions, log: Callable[[str], None], writes: bool = True):
+        """`writes=False` (deploy verify): nothing is written, nothing reused; only the model and the proof."""
         from edgedeploy.models.registry import get_model_info
 
         self.o = options
@@ -152,8 +161,9 @@ class _Exporter:
         self._class_names = [str(c) for c in self.ckpt_meta.get("class_names") or []]
         self._resolve_data_sources()
         self.out = Path(options.out) / self.name
-        _check_writable(self.out)
-        self.previous = None if options.force else load_report(self.out)
+        if writes:
+            _check_writable(self.out)
+        self.previous = None if options.force or not writes else load_report(self.out)
         self.weights_sha = sha256_file(options.weights) if options.weights and Path(options.weights).is_file() else None
         self.code = code_version()
         self.report = ExportReport(
@@ -297,16 +307,18 @@ class _Exporter:
         if self.random_weights:
             from edgedeploy.export.weights import reinitialise_for_parity
 
-            # 16 inputs: BatchNorm statistics from 4 left MobileNetV3's logits 30-150x larger on other images
-            sample = np.concatenate(self.adapter.sample_inputs(self.info, self.imgsz, REINIT_INPUTS, self.rng(9)))
+            sample = np.concatenate(self.adapter.sample_inputs(self.info, self.imgsz, reinit_inputs(self.imgsz),
+                                                               self.rng(9)))
             reinit_fn = getattr(self.adapter, "reinitialise_for_parity", reinitialise_for_parity)  # task-specific if any
             self.reinit_info.update(reinit_fn(wrapped, sample, seed=self.o.seed))
         self._model = wrapped
         return wrapped
 
-    def parity_batches(self) -> list[np.ndarray]:
-        """Parity inputs grouped into the batch sizes the artifact accepts (dynamic: max batch and 1)."""
-        inputs = self.adapter.sample_inputs(self.info, self.imgsz, self.o.parity_inputs, self.rng(1))
+    def parity_batches(self, inputs: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Parity inputs (default: the adapter's sample inputs) grouped into the batch sizes the artifact
+        accepts (dynamic: max batch and 1)."""
+        if inputs is None:
+            inputs = self.adapter.sample_inputs(self.info, self.imgsz, self.o.parity_inputs, self.rng(1))
         mn, opt, mx = self.o.batch_shape
 
         def chunks(size: int) -> list[np.ndarray]:

@@ -104,13 +104,15 @@ def _outputs(model, sample: np.ndarray) -> list[np.ndarray]:
     return [o.detach().float().numpy() for o in out]
 
 
-def reinitialise_for_parity(model, sample: np.ndarray, seed: int = 0, target_std: float = 0.5) -> dict[str, Any]:
-    """Re-initialise `model` in place (see the module docstring); then, for a single-output model, scale the last
-    Linear/Conv so the output has std `target_std` on the sample. Returns the figures.
+def reinitialise_for_parity(model, sample: np.ndarray, seed: int = 0, target_std: float = 0.1) -> dict[str, Any]:
+    """Re-initialise `model` in place (see the module docstring); then, for a single-output model, scale the
+    layer(s) writing the output so it has std `target_std` on the sample. Returns the figures.
 
-    Why 0.5: float32 rounding differs between PyTorch and ONNX Runtime by ~1e-5 x the output's std (measured on
-    mobilenetv3_large), and assert_allclose's atol (1e-5) is absolute, so logits of std ~0.5 keep the strict
-    tolerance meaningful at every element while moving across inputs >= 1e4 x atol."""
+    Why 0.1: float32 rounding differs between PyTorch and ONNX Runtime by up to ~3e-5 x the output's std after
+    50 BatchNorm-calibrated layers (measured: shufflenetv2_x0_5 3e-5, mobilenetv3_large 1e-5), and
+    assert_allclose's atol (1e-5) is absolute, so a near-zero logit fails at std 0.5. At std 0.1 the noise
+    stays under atol at every element, and the outputs still move across inputs by >= 1e3 x atol.
+    """
     import torch.nn as nn
 
     before = output_spread(_outputs(model, sample)[0])
@@ -119,14 +121,17 @@ def reinitialise_for_parity(model, sample: np.ndarray, seed: int = 0, target_std
     outs = _outputs(model, sample)
     std = float(outs[0].std())
     if len(outs) == 1 and std > 0:
-        last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if last:
+        # the layers writing the output: LR-ASPP sums two classifier convs, classifiers end in one Linear/Conv
+        heads = [m for n, m in model.named_modules() if n.endswith(("low_classifier", "high_classifier"))]
+        heads = heads or [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1:]
+        if heads:
             import torch
 
             with torch.no_grad():
-                last[-1].weight.mul_(target_std / std)
-                if last[-1].bias is not None:
-                    last[-1].bias.mul_(target_std / std)
+                for m in heads:
+                    m.weight.mul_(target_std / std)
+                    if m.bias is not None:
+                        m.bias.mul_(target_std / std)
             outs = _outputs(model, sample)
     return {"method": "seeded_redraw_bn_calibrated", "seed": int(seed), "batchnorms_calibrated": n_bn,
             "output_spread_before": before, "output_spread_after": output_spread(outs[0]),
