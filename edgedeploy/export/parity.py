@@ -47,6 +47,10 @@ class ParityResult:
         return max((o.max_rel for o in self.outputs), default=0.0)
 
     @property
+    def max_spread(self) -> float | None:
+        return max(self.spreads.values()) if self.spreads else None
+
+    @property
     def min_spread(self) -> float | None:
         """The smallest spread over the outputs the sensitivity check applies to (None: not measured)."""
         return min(self.spreads.values()) if self.spreads else None
@@ -108,6 +112,7 @@ class ParityResult:
         d["min_cosine"] = self.min_cosine
         d["max_rel"] = self.max_rel
         d["min_spread"] = self.min_spread
+        d["max_spread"] = self.max_spread
         return d
 
 
@@ -169,12 +174,13 @@ def output_spread(per_input: Any) -> float:
 
 
 def check_spread(result: ParityResult, names: Sequence[str], per_input: Sequence[np.ndarray],
-                 atol: float, factor: float = SPREAD_FACTOR) -> list[str]:
+                 atol: float, factor: float = SPREAD_FACTOR, every: bool = True) -> list[str]:
     """Record each output's spread across the parity inputs in `result`; return the outputs that move too little.
 
     Floating-point outputs must each have spread >= factor x atol (below that an exported graph that ignored
     part of its input could still match within atol). Integer outputs (NMS counts, class ids, argmax masks)
-    are recorded; when a model has only integer outputs, they must at least change across the inputs."""
+    are recorded; when a model has only integer outputs, they must at least change across the inputs.
+    `every=False`: one floating-point output moving that much is enough (a detector's raw head levels)."""
     by_name = {o.name: o for o in result.outputs}
     spreads = {}
     for name, arr in zip(names, per_input):
@@ -184,7 +190,8 @@ def check_spread(result: ParityResult, names: Sequence[str], per_input: Sequence
     floats = {n: s for n, (s, is_float) in spreads.items() if is_float}
     result.spreads = floats or {n: s for n, (s, _) in spreads.items()}
     if floats:
-        return [f"{n} (spread {s:.3g} < {factor:g} x atol {atol:g})" for n, s in floats.items() if s < factor * atol]
+        low = [f"{n} (spread {s:.3g} < {factor:g} x atol {atol:g})" for n, s in floats.items() if s < factor * atol]
+        return low if every or len(low) == len(floats) else []
     if spreads and all(s == 0.0 for s, _ in spreads.values()):
         return [f"{n} (identical for every input)" for n in spreads]
     return []
@@ -192,27 +199,49 @@ def check_spread(result: ParityResult, names: Sequence[str], per_input: Sequence
 
 def prove(compare: Callable[..., ParityResult], names: Sequence[str],
           pairs: Sequence[tuple[np.ndarray, list[np.ndarray]]], run: Callable[[np.ndarray], list[np.ndarray]],
-          rtol: float, atol: float) -> tuple[ParityResult, list[str]]:
+          rtol: float, atol: float, probe_names: Sequence[str] = (),
+          missing_probes: Sequence[str] = ()) -> tuple[ParityResult, list[str]]:
     """The proof, shared by `deploy export` and `deploy verify`: `run` (the exported artifact) against the
-    PyTorch outputs in `pairs` [(input batch, torch outputs)], compared by `compare` (the task adapter's);
-    returns the merged result and the outputs whose spread across the inputs is too small to prove anything."""
+    PyTorch outputs in `pairs` [(input batch, torch outputs)], the outputs compared by `compare` (the task
+    adapter's). With `probe_names`, both sides also return raw network outputs (a detector's pre-decode
+    logits) after the outputs; those are compared element-wise at the strict tolerance, and the input-spread
+    check applies to them (sorted post-NMS scores move little across images even from a sound network): at
+    least one of them must move by >= 100 x atol.
+    Returns the merged result and the outputs whose spread across the inputs is too small to prove anything."""
+    k = len(names)
     result: ParityResult | None = None
     for x, ref in pairs:
-        r = compare(names, ref, run(x), rtol, atol)
+        got = run(x)
+        r = compare(names, ref[:k], got[:k], rtol, atol)
+        if probe_names:
+            raw = compare_outputs(probe_names, ref[k:], got[k:], rtol, atol)
+            r = ParityResult(r.passed and raw.passed, rtol, atol, r.outputs + raw.outputs, notes=r.notes + raw.notes)
         r.n_inputs = int(x.shape[0])
         result = r if result is None else result.merge(r)
     if result is None:
         raise ValueError("no parity inputs")
+    for name in missing_probes:
+        result.passed = False
+        result.outputs.append(OutputParity(name, [], float("inf"), float("inf"), 0.0, 1, 1, False, 0.0,
+                                           "no Conv with this layer's weights in the exported graph"))
     result.notes.append(f"batches: {[int(x.shape[0]) for x, _ in pairs]}")
-    per_output = [np.concatenate([np.asarray(ref[i]) for _, ref in pairs]) for i in range(len(names))]
-    flat = check_spread(result, names, per_output, atol)
+    all_names = list(names) + list(probe_names)
+    per_output = [np.concatenate([np.asarray(ref[i]) for _, ref in pairs]) for i in range(len(all_names))]
+    if probe_names:
+        final = {n: output_spread(a) for n, a in zip(names, per_output[:k]) if a.dtype.kind == "f"}
+        result.notes.append("spread of the final outputs: " + ", ".join(f"{n} {v:.3g}" for n, v in final.items()))
+        flat = check_spread(result, probe_names, per_output[k:], atol, every=False)
+    else:
+        flat = check_spread(result, names, per_output, atol)
     return result, flat
 
 
 def figure(result: ParityResult) -> str:
     """The one-line summary shown on screen and in the report table."""
-    spread = result.min_spread
     s = f"max_abs {result.max_abs:.2e}, max_rel {result.max_rel:.2e}"
-    if spread is not None:
-        s += f", spread {spread:.2e} ({spread / result.atol:.3g}x atol)" if result.atol > 0 else f", spread {spread:.2e}"
+    if result.spreads:
+        lo, hi = min(result.spreads.values()), max(result.spreads.values())
+        text = f"{lo:.2e}" if lo == hi else f"{lo:.2e}..{hi:.2e}"
+        ratio = f"{lo / result.atol:.3g}" if lo == hi else f"{lo / result.atol:.3g}..{hi / result.atol:.3g}"
+        s += f", spread {text} ({ratio}x atol)" if result.atol > 0 else f", spread {text}"
     return s + f", cos {result.min_cosine:.6f} (rtol {result.rtol:g}, atol {result.atol:g})"

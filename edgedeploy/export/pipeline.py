@@ -360,14 +360,49 @@ class _Exporter:
     def report_prev(self, name: str) -> Step:
         return self.previous.step(name)  # type: ignore[union-attr]
 
-    def parity_reference(self) -> list[tuple[np.ndarray, list[np.ndarray]]]:
-        """(input batch, PyTorch outputs) pairs, shared by the raw and simplified proofs."""
-        if not hasattr(self, "_parity_ref"):
-            from edgedeploy.export.runners import TorchRunner
+    def parity_reference(self, inputs: list[np.ndarray] | None = None) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """(input batch, PyTorch outputs + probe outputs) pairs; the default inputs' are shared by the raw and
+        simplified proofs."""
+        if inputs is None and hasattr(self, "_parity_ref"):
+            return self._parity_ref
+        from edgedeploy.export.runners import TorchRunner
 
-            torch_run = TorchRunner(self.model())
-            self._parity_ref = [(x, torch_run(x)) for x in self.parity_batches()]
-        return self._parity_ref
+        torch_run = TorchRunner(self.model(), [m for _, m in self.probes()])
+        pairs = [(x, torch_run(x)) for x in self.parity_batches(inputs)]
+        if inputs is None:
+            self._parity_ref = pairs
+        return pairs
+
+    def probes(self) -> list[tuple[str, Any]]:
+        if not hasattr(self, "_probes"):
+            self._probes = getattr(self.adapter, "parity_probes", lambda _m, _o: [])(self.model(), self.o)
+        return self._probes
+
+    def prove(self, artifact: Path, inputs: list[np.ndarray] | None = None, runner: Callable | None = None):
+        """The parity proof of `artifact` (an ONNX, or any `runner` e.g. an engine, then without probes):
+        (ParityResult, outputs too flat to prove anything)."""
+        from edgedeploy.export.runners import OrtRunner, add_probe_outputs
+
+        pairs = self.parity_reference(inputs)
+        probes = self.probes() if runner is None else []
+        names = [n for n, _ in probes]
+        missing: list[str] = []
+        if runner is not None:
+            k = len(self.output_names)
+            pairs = [(x, ref[:k]) for x, ref in pairs]
+            return prove(self.adapter.compare, self.output_names, pairs, runner, self.rtol, self.atol)
+        if not probes:
+            return prove(self.adapter.compare, self.output_names, pairs, OrtRunner(artifact), self.rtol, self.atol)
+        with tempfile.TemporaryDirectory(prefix="edgedeploy-probe-") as tmp:
+            probed = Path(tmp) / artifact.name
+            weights = [(n, m.weight.detach().cpu().numpy()) for n, m in probes]
+            missing = add_probe_outputs(artifact, weights, probed)
+            found = [n for n in names if n not in missing]
+            k = len(self.output_names)
+            keep = list(range(k)) + [k + i for i, n in enumerate(names) if n not in missing]
+            pairs = [(x, [ref[i] for i in keep]) for x, ref in pairs]
+            return prove(self.adapter.compare, self.output_names, pairs, OrtRunner(probed), self.rtol, self.atol,
+                         found, missing)
 
     def step_parity(self, name: str, onnx_path: Path, key: str) -> None:
         if not getattr(self.adapter, "runs_in_onnxruntime", lambda _o: True)(self.o):  # e.g. a TensorRT plugin node
@@ -377,11 +412,8 @@ class _Exporter:
         if self.reusable(name, key):
             self.record(self.report_prev(name))
             return
-        from edgedeploy.export.runners import OrtRunner
-
         t0 = time.perf_counter()
-        result, flat = prove(self.adapter.compare, self.output_names, self.parity_reference(), OrtRunner(onnx_path),
-                             self.rtol, self.atol)
+        result, flat = self.prove(onnx_path)
         check_insensitive(result, flat, self.random_weights, onnx_path.name, self.log)
         ok = result.passed and not (flat and self.random_weights)
         step = Step(name, "ok" if ok else "failed", time.perf_counter() - t0, parity_figure(result),

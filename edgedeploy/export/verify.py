@@ -128,7 +128,7 @@ def verify(artifact: str, weights: str | None = None, data: str | None = None, i
            log: Callable[[str], None] | None = None) -> VerifyResult:
     """Re-prove `artifact` against its PyTorch model; raises ParityError (exit 4) when it disagrees."""
     from edgedeploy.export.options import ExportOptions
-    from edgedeploy.export.parity import figure, prove
+    from edgedeploy.export.parity import figure
     from edgedeploy.export.pipeline import RANDOM_WEIGHTS_LINE, _Exporter, check_insensitive, raise_if_failed
     from edgedeploy.io import sha256_file
 
@@ -156,19 +156,13 @@ def verify(artifact: str, weights: str | None = None, data: str | None = None, i
     log(f"verify {path.name} ({meta.model}, {meta.precision}) against PyTorch "
         + (f"weights {weights}" if weights else f"re-initialised from seed {prov.get('seed', 0)}"))
 
-    runner: Callable[[np.ndarray], list[np.ndarray]]
+    runner: Callable[[np.ndarray], list[np.ndarray]] | None = None
     if is_engine:
         runner = _engine_runner(path)
     else:
         _check_onnx(path)
         if meta.onnx_sha256 and sha256_file(path) != meta.onnx_sha256:
             notes.append(f"{path.name} changed since export (sha256 differs from its sidecar)")
-        from edgedeploy.export.runners import OrtRunner
-
-        try:
-            runner = OrtRunner(path)
-        except Exception as e:  # noqa: BLE001  (ORT refusing a graph that passed the checker)
-            raise EdgeDeployError(f"ONNX Runtime cannot load {path}: {type(e).__name__}: {e}") from e
 
     batch = meta.batch or {}
     dynamic = isinstance(meta.input_shape[0], str) if meta.input_shape else False
@@ -191,19 +185,23 @@ def verify(artifact: str, weights: str | None = None, data: str | None = None, i
         inputs = [exporter.adapter.preprocess(i, exporter.info, exporter.imgsz) for i in imgs]
         if skipped:
             notes.append(f"{skipped} unreadable image(s) under {data} skipped")
-    from edgedeploy.export.runners import TorchRunner
-
-    torch_run = TorchRunner(exporter.model())
-    pairs = [(x, torch_run(x)) for x in exporter.parity_batches(inputs)]
+    flat: list[str] = []
     try:
         if meta.precision in MIN_AGREEMENT:
+            if runner is None:
+                from edgedeploy.export.runners import OrtRunner
+
+                runner = OrtRunner(path)
+            k = len(exporter.output_names)
+            pairs = [(x, ref[:k]) for x, ref in exporter.parity_reference(inputs)]
             result = _prove_low_precision(exporter, pairs, runner, meta.precision)
-            flat: list[str] = []
         else:
-            result, flat = prove(exporter.adapter.compare, exporter.output_names, pairs, runner,
-                                 exporter.rtol, exporter.atol)
-    except (ValueError, RuntimeError) as e:  # ORT: wrong input/output arity, a graph of another model
-        raise EdgeDeployError(f"{path.name} cannot run on {meta.model}'s inputs: {type(e).__name__}: {e}") from e
+            result, flat = exporter.prove(path, inputs, runner)
+    except EdgeDeployError:
+        raise
+    except Exception as e:  # noqa: BLE001  (ORT refusing the graph, or inputs/outputs of another model)
+        raise EdgeDeployError(f"{path.name} cannot run as {meta.model}: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''}") from e
     result.notes += notes
     check_insensitive(result, flat, random_weights, path.name, log)
     out = VerifyResult(str(path), meta.model, meta.precision, random_weights,

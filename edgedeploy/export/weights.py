@@ -57,7 +57,7 @@ def seeded_redraw(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def calibrate_batchnorm(model, sample: np.ndarray) -> tuple[int, list[np.ndarray]]:
+def calibrate_batchnorm(model, sample: np.ndarray, var_floor: float = VAR_FLOOR) -> tuple[int, list[np.ndarray]]:
     """Set every BatchNorm's running statistics from its own input on `sample`, layer by layer (eval mode,
     forward pre-hooks: each BatchNorm is calibrated just before it runs, on the normalised output of the layers
     before it). Returns the number of BatchNorm layers set and the model's outputs on `sample` (the pass that
@@ -76,7 +76,7 @@ def calibrate_batchnorm(model, sample: np.ndarray) -> tuple[int, list[np.ndarray
         x = args[0].detach()
         dims = [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-        var = var.clamp(min=float(var.mean()) * VAR_FLOOR + 1e-12)
+        var = var.clamp(min=float(var.mean()) * var_floor + 1e-12)
         module.running_mean.copy_(mean)
         module.running_var.copy_(var)
         return None

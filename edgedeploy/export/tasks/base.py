@@ -21,6 +21,7 @@ The pipeline (edgedeploy.export.pipeline) is task-agnostic. It asks the model's 
                                      output. Override when an output is discrete (NMS indices, argmax masks)
                                      and must be compared differently (e.g. matched boxes, pixel agreement).
 - `parity_tolerance(precision)`      (rtol, atol) for "fp32" parity; FP16/INT8 are judged by `evaluate`.
+- `parity_probes(module, options)`   [(name, layer)] whose raw outputs are compared too (detector heads).
 - `load_eval_data(info, imgsz, source, n, rng)` -> EvalData: held-out inputs (+ targets when the source has
                                      labels). source is a directory or "synthetic".
 - `evaluate(run_fn, eval_data, reference_fn=None)` -> dict[str, float]: the task metric for one artifact
@@ -172,6 +173,11 @@ class TaskAdapter:
         atol: float,
     ) -> ParityResult:
         return compare_outputs(names, torch_outs, onnx_outs, rtol, atol)
+
+    def parity_probes(self, module: "nn.Module", options: ExportOptions) -> list[tuple[str, "nn.Module"]]:
+        """Layers whose raw outputs the parity proof also compares, strictly, found in the ONNX by their weights
+        (a detector's prediction convs: the logits before the decode's exp()). Default: none."""
+        return []
 
     def evaluate(self, run_fn: RunFn, eval_data: EvalData, reference_fn: RunFn | None = None) -> dict[str, float]:
         """Default: cosine similarity of all outputs against the reference (tasks should override)."""
