@@ -355,9 +355,9 @@ class DetectAdapter(TaskAdapter):
         return out
 
     def sample_inputs(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-        """With NMS in the graph: real-looking images only. A random-normal input drives several class sigmoids
-        to ~1.0 at once, so the best class (and with it the NMS grouping) becomes a float-noise tie between
-        PyTorch and ONNX Runtime; the element-wise `--nms none` proof keeps that input."""
+        """With NMS in the graph: real-looking images only (random inputs can drive several class sigmoids to ~1.0
+        at once, so the best class, and with it the NMS grouping, becomes a float-noise tie between PyTorch and
+        ONNX Runtime); the element-wise `--nms none` proof also takes the uniform [0, 1) inputs."""
         if getattr(self, "_nms", "onnx") == "none":
             return super().sample_inputs(info, imgsz, n, rng)
         return [self.preprocess(img, info, imgsz) for img in self.synthetic_images(info, imgsz, max(n, 1), rng)]
