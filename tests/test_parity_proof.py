@@ -213,3 +213,17 @@ def test_verify_bad_inputs(exported, tmp_path, capsys):
         assert "no runtime for this engine here" in capsys.readouterr().err
 
     assert main(["verify", str(tmp_path / "missing.onnx")]) == EXIT_ERROR
+
+
+def test_verify_fp16_and_raw_onnx(tmp_path, capsys):
+    """An FP16 ONNX is judged as at export (agreement with PyTorch, figures recorded); the raw export is proved
+    with the simplified one's sidecar."""
+    export("mobilenetv3_small", imgsz=IMGSZ, out=str(tmp_path), builder="none", progress=False, fp16=True,
+           eval_images=4)
+    folder = tmp_path / "mobilenetv3_small"
+    assert main(["verify", str(folder / "mobilenetv3_small.fp16.onnx")]) == 0
+    assert "fp16: agreement with PyTorch 1.000" in capsys.readouterr().out
+    assert main(["verify", str(folder / "mobilenetv3_small.raw.onnx"), "--report", str(tmp_path / "v.json")]) == 0
+    res = json.loads((tmp_path / "v.json").read_text())
+    assert res["passed"] and res["parity"]["min_spread"] >= 100 * 1e-5
+    assert not [n for n in res["notes"] if "changed since export" in n]  # the raw ONNX has no sha256 of its own

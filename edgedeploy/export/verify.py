@@ -53,25 +53,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_meta(path: Path):
+    """(sidecar, whether it is the artifact's own: its onnx_sha256 then describes this file)."""
     from edgedeploy.engines.sidecar import read_sidecar, sidecar_path
 
     side = sidecar_path(path)
     if not side.exists() and path.name.endswith(".raw.onnx"):  # the raw export shares the simplified one's model
         alt = path.with_name(path.name[: -len(".raw.onnx")] + ".onnx")
         if sidecar_path(alt).exists():
-            side, path = sidecar_path(alt), alt
+            return read_sidecar(alt), False  # the raw export's own sha256 is not recorded
     if not side.exists():
         raise EdgeDeployError(
             f"no sidecar {side.name} beside {path.name}: verify needs it to rebuild the PyTorch model (model name, "
             "weights or seed, input size). Verify an artifact written by `deploy export`, with its .json beside it."
         )
     meta = read_sidecar(path)
+    return meta, True
+
+
+def _check_provenance(meta, side_name: str) -> None:
     if not meta.provenance:
         raise EdgeDeployError(
-            f"{side.name} does not record how the model was made (exported by an older edgedeploy): re-export it "
+            f"{side_name} does not record how the model was made (exported by an older edgedeploy): re-export it "
             "with `deploy export` to verify it"
         )
-    return meta
 
 
 def _check_onnx(path: Path) -> None:
@@ -136,7 +140,8 @@ def verify(artifact: str, weights: str | None = None, data: str | None = None, i
     path = Path(artifact)
     if not path.is_file():
         raise EdgeDeployError(f"{artifact}: no such file")
-    meta = _read_meta(path)
+    meta, own_sidecar = _read_meta(path)
+    _check_provenance(meta, path.name + ".json")
     prov = meta.provenance
     is_engine = path.suffix in ENGINE_SUFFIXES
     random_weights = bool(prov.get("random_weights"))
@@ -161,7 +166,7 @@ def verify(artifact: str, weights: str | None = None, data: str | None = None, i
         runner = _engine_runner(path)
     else:
         _check_onnx(path)
-        if meta.onnx_sha256 and sha256_file(path) != meta.onnx_sha256:
+        if own_sidecar and meta.onnx_sha256 and sha256_file(path) != meta.onnx_sha256:
             notes.append(f"{path.name} changed since export (sha256 differs from its sidecar)")
 
     batch = meta.batch or {}
@@ -210,6 +215,9 @@ def verify(artifact: str, weights: str | None = None, data: str | None = None, i
     for n in notes:
         log(f"  note: {n}")
     log(result.table())
+    for n in result.notes:
+        if n not in notes and not n.startswith("batches:"):
+            log(f"  {n}")
     raise_if_failed(result, flat, random_weights, path.name, "the table above")
     return out
 
@@ -226,9 +234,10 @@ def _prove_low_precision(exporter, pairs, runner, precision: str):
                                         reference_fn=lambda x: refs[id(x)])
     agreement = float(metrics.get("agreement", 0.0))
     idx = [i for i, o in enumerate(pairs[0][1]) if np.asarray(o).dtype.kind == "f"]
-    figures = compare_outputs([exporter.output_names[i] for i in idx],
+    figures = compare_outputs([exporter.output_names[i] for i in idx],  # FP32 tolerance: figures, not judged
                               [np.concatenate([r[i] for _, r in pairs]) for i in idx],
-                              [np.concatenate([got[id(x)][i] for x, _ in pairs]) for i in idx], 0.0, float("inf"))
+                              [np.concatenate([got[id(x)][i] for x, _ in pairs]) for i in idx],
+                              exporter.rtol, exporter.atol)
     need = MIN_AGREEMENT[precision]
     result = ParityResult(agreement >= need, exporter.rtol, exporter.atol, figures.outputs,
                           sum(int(x.shape[0]) for x, _ in pairs),
