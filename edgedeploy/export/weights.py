@@ -18,7 +18,7 @@ across inputs), and such outputs match a broken ONNX within any atol. Without `-
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
