@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("edgedeploy.train.cli", "train a model on an ImageFolder/YOLO/VOC dataset or `synthetic`"),
     "eval": ("edgedeploy.train.eval_cli", "evaluate a checkpoint, ONNX file or engine with the same code"),
     "export": ("edgedeploy.export.cli", "PyTorch -> ONNX (parity-proved) -> FP16/INT8 -> TensorRT engines"),
+    "verify": ("edgedeploy.export.verify", "re-prove an exported ONNX (or engine) against its PyTorch model"),
     "bench": ("edgedeploy.benchmarks.bench_cli", "trtexec-style latency/throughput report; --compare backends"),
     "run": ("edgedeploy.runtime.camera_cli", "run a model on a camera, video file or RTSP stream"),
     "demo": ("edgedeploy.demo", "the main job on synthetic data: train, export, prove parity, benchmark"),

@@ -44,6 +44,16 @@ class ParityError(EdgeDeployError):
     exit_code = EXIT_PARITY_FAILED
 
 
+class InsensitiveProofError(ParityError):
+    """The parity proof's outputs hardly depend on the input, so agreement within atol would prove nothing."""
+
+
+class RuntimeUnavailableError(EdgeDeployError):
+    """An artifact that needs a runtime this machine lacks (e.g. a TensorRT engine without TensorRT and a GPU)."""
+
+    exit_code = EXIT_ENGINE_SKIPPED
+
+
 class BuilderUnavailableError(EdgeDeployError):
     """No TensorRT / TensorRT-RTX builder is importable."""
 

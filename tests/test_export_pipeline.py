@@ -152,13 +152,14 @@ def test_dynamic_batch_every_image_matches(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 3, IMGSZ, IMGSZ)).astype(np.float32)
     batched = run(x)[0]
     singles = np.concatenate([run(x[i:i + 1])[0] for i in range(3)])
-    assert batched.shape == (3, 1000) and batched.std() > 0.5
+    assert batched.shape == (3, 1000) and batched.std() > 0.05  # re-initialised logits have std ~0.1
     np.testing.assert_allclose(batched, singles, rtol=1e-4, atol=1e-5)
 
 
 class _TraceFrozenBranch(nn.Module):
-    """A data-dependent Python branch: tracing freezes the branch taken by the export sample (an image),
-    the random-normal parity input takes the other one in eager PyTorch. A real class of silent export bug."""
+    """A data-dependent Python branch: tracing freezes the branch taken by the export sample (an image, with
+    negative values after normalisation), the uniform [0, 1) parity inputs take the other one in eager PyTorch.
+    A real class of silent export bug."""
 
     def __init__(self, model):
         super().__init__()
@@ -166,7 +167,7 @@ class _TraceFrozenBranch(nn.Module):
 
     def forward(self, x):
         y = self.model(x)
-        return y * 1.5 if float(x.abs().max()) > 2.7 else y
+        return y * 1.5 if float(x.min()) >= 0 else y
 
 
 def test_parity_failure_exits_4_with_diff_table(tmp_path, monkeypatch, capsys):

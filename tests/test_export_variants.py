@@ -54,7 +54,7 @@ def test_variant_exports_with_parity_and_builds(name, tmp_path):
     status = {s.name: s.status for s in report.steps}
     assert status["parity_raw"] == "ok" and status["parity_simplified"] == "ok"
     parity = report.step("parity_simplified").details
-    assert parity["outputs"][0]["ref_std"] >= 1.0  # re-initialised weights give non-trivial logits
+    assert parity["min_spread"] >= 100 * parity["atol"]  # re-initialised logits depend on the input
     assert parity["outputs"][0]["shape"][1] == 10
     assert report.step("int8").details["nonzero_zero_points"] == 0
     out = tmp_path / name

@@ -52,6 +52,9 @@ class ArtifactMeta:
     build_time_s: float = 0.0
     onnx_sha256: str = ""
     created: str = ""
+    # How the PyTorch model was made (weights path/sha256 or seeded random weights, seed, task options): what
+    # `deploy verify` needs to rebuild it and re-prove the artifact.
+    provenance: dict[str, Any] = field(default_factory=dict)
     sidecar_version: int = SIDECAR_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import numpy as np
 from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
 from edgedeploy.errors import BuilderUnavailableError, EdgeDeployError, EngineBuildError, ParityError
 from edgedeploy.export.options import BUILDERS, ExportOptions
+from edgedeploy.export.parity import ParityResult, figure as parity_figure, prove
 from edgedeploy.export.report import ExportReport, Step, load_report
 from edgedeploy.export.tasks.base import EvalData, TaskAdapter, get_task_adapter
 from edgedeploy.io import sha256_file
@@ -101,8 +102,53 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not enabled)
 
 
+def reinit_inputs(imgsz: int) -> int:
+    """Image-like inputs the re-initialisation calibrates BatchNorm statistics on: enough that the deepest
+    (stride-32) layers see >= 1024 values per channel, 16 to 256 inputs. With fewer, statistics of a 2x2 map
+    over a handful of images left MobileNetV3's logits 10-30x larger on other images than on those, and float
+    noise with them (mobilenetv3_large at 224 px with 4 inputs, mobilenetv3_small at 64 px with 16)."""
+    cells = max(1, (imgsz // 32) ** 2)
+    return int(min(256, max(16, -(-1024 // cells))))
+
+
+RANDOM_WEIGHTS_LINE = ("random weights: parity proof only (no --weights: weights re-drawn from --seed {seed} and "
+                       "BatchNorm-calibrated so the outputs depend on the input; not a usable model)")
+
+
+def check_insensitive(result: ParityResult, flat: list[str], random_weights: bool, artifact: str,
+                      log: Callable[[str], None]) -> None:
+    """Record (and with user weights, print) outputs that barely move across the parity inputs."""
+    if not flat:
+        return
+    note = "outputs that barely depend on the input (weak evidence): " + ", ".join(flat)
+    result.notes.append(note)
+    if not random_weights:
+        log(f"  warning: {artifact}: {note}; trained weights or --data with real images give a stronger proof")
+
+
+def raise_if_failed(result: ParityResult, flat: list[str], random_weights: bool, artifact: str,
+                    report_path: Path | str) -> None:
+    """ParityError on a mismatch; InsensitiveProofError when re-initialised weights gave input-insensitive outputs
+    (a proof over such outputs cannot fail, so it is refused)."""
+    from edgedeploy.errors import InsensitiveProofError
+
+    if not result.passed:
+        raise ParityError(
+            f"{artifact} disagrees with PyTorch beyond rtol={result.rtol:g}, atol={result.atol:g}:\n{result.table()}\n"
+            f"details in {report_path}"
+        )
+    if flat and random_weights:
+        raise InsensitiveProofError(
+            f"parity proof of {artifact} refused: with re-initialised weights the outputs hardly depend on the input "
+            f"({', '.join(flat)}), so agreement within atol proves nothing:\n{result.table()}\n"
+            "This is a bug in the re-initialisation for this model (please report it); exporting with trained "
+            "--weights avoids it."
+        )
+
+
 class _Exporter:
-    def __init__(self, options: ExportOptions, log: Callable[[str], None]):
+    def __init__(self, options: ExportOptions, log: Callable[[str], None], writes: bool = True):
+        """`writes=False` (deploy verify): nothing is written, nothing reused; only the model and the proof."""
         from edgedeploy.models.registry import get_model_info
 
         self.o = options
@@ -129,8 +175,9 @@ class _Exporter:
         if options.fp16 or options.int8:
             self.eval_data()  # bad held-out data (classes, masks, labels) stops here, before anything is written
         self.out = Path(options.out) / self.name
-        _check_writable(self.out)
-        self.previous = None if options.force else load_report(self.out)
+        if writes:
+            _check_writable(self.out)
+        self.previous = None if options.force or not writes else load_report(self.out)
         self.weights_sha = sha256_file(options.weights) if options.weights and Path(options.weights).is_file() else None
         self.code = code_version()
         self.report = ExportReport(
@@ -146,6 +193,7 @@ class _Exporter:
         rtol, atol = self.adapter.parity_tolerance("fp32")
         self.rtol = options.rtol if options.rtol is not None else rtol
         self.atol = options.atol if options.atol is not None else atol
+        self.random_weights = bool(options.reinit if options.reinit is not None else not options.weights)
         self._model = None
 
     # ----------------------------------------------------------------------------------------------- helpers
@@ -304,6 +352,7 @@ class _Exporter:
             builder="torch.onnx",
             builder_version=self.report.environment.get("torch", ""),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            provenance=self.provenance(),
         )
 
     def _dataset_postprocess(self) -> dict[str, Any]:
@@ -325,6 +374,14 @@ class _Exporter:
                 "layout": self.ckpt_meta.get("data_layout", ""), "synthetic": rec.synthetic,
                 "synthetic_params": self.ckpt_meta.get("synthetic") or (self.ckpt_meta.get("train_args") or {}).get("synthetic")}
 
+    def provenance(self) -> dict[str, Any]:
+        """What `deploy verify` needs to rebuild the identical PyTorch model and proof."""
+        o = self.o
+        return {"weights": str(Path(o.weights).resolve()) if o.weights else None, "weights_sha256": self.weights_sha,
+                "random_weights": self.random_weights, "seed": o.seed, "num_classes": o.num_classes,
+                "imgsz": self.imgsz, "task_options": dict(o.task_options), "parity_inputs": o.parity_inputs,
+                "rtol": self.rtol, "atol": self.atol}
+
     def write_onnx_sidecar(self, onnx_path: Path, precision: str, input_dtype: str = "float32") -> None:
         m = self.meta(precision, input_dtype)
         m.onnx_sha256 = sha256_file(onnx_path)
@@ -342,20 +399,22 @@ class _Exporter:
         model = create_model(self.name, num_classes=self.o.num_classes or self.ckpt_meta.get("num_classes"),
                              weights=self.o.weights).eval()
         wrapped = self.adapter.wrap_for_export(model, self.o).eval()
-        reinit = self.o.reinit if self.o.reinit is not None else not self.o.weights
-        self.reinit_info = {"reinitialised": bool(reinit)}
-        if reinit:
+        self.reinit_info = {"reinitialised": self.random_weights}
+        if self.random_weights:
             from edgedeploy.export.weights import reinitialise_for_parity
 
-            sample = np.concatenate(self.adapter.sample_inputs(self.info, self.imgsz, 4, self.rng(9)))
+            sample = np.concatenate(self.adapter.sample_inputs(self.info, self.imgsz, reinit_inputs(self.imgsz),
+                                                               self.rng(9)))
             reinit_fn = getattr(self.adapter, "reinitialise_for_parity", reinitialise_for_parity)  # task-specific if any
             self.reinit_info.update(reinit_fn(wrapped, sample, seed=self.o.seed))
         self._model = wrapped
         return wrapped
 
-    def parity_batches(self) -> list[np.ndarray]:
-        """Parity inputs grouped into the batch sizes the artifact accepts (dynamic: max batch and 1)."""
-        inputs = self.adapter.sample_inputs(self.info, self.imgsz, self.o.parity_inputs, self.rng(1))
+    def parity_batches(self, inputs: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Parity inputs (default: the adapter's sample inputs) grouped into the batch sizes the artifact
+        accepts (dynamic: max batch and 1)."""
+        if inputs is None:
+            inputs = self.adapter.sample_inputs(self.info, self.imgsz, self.o.parity_inputs, self.rng(1))
         mn, opt, mx = self.o.batch_shape
 
         def chunks(size: int) -> list[np.ndarray]:
@@ -397,6 +456,50 @@ class _Exporter:
     def report_prev(self, name: str) -> Step:
         return self.previous.step(name)  # type: ignore[union-attr]
 
+    def parity_reference(self, inputs: list[np.ndarray] | None = None) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+        """(input batch, PyTorch outputs + probe outputs) pairs; the default inputs' are shared by the raw and
+        simplified proofs."""
+        if inputs is None and hasattr(self, "_parity_ref"):
+            return self._parity_ref
+        from edgedeploy.export.runners import TorchRunner
+
+        torch_run = TorchRunner(self.model(), [m for _, m in self.probes()])
+        pairs = [(x, torch_run(x)) for x in self.parity_batches(inputs)]
+        if inputs is None:
+            self._parity_ref = pairs
+        return pairs
+
+    def probes(self) -> list[tuple[str, Any]]:
+        if not hasattr(self, "_probes"):
+            self._probes = getattr(self.adapter, "parity_probes", lambda _m, _o: [])(self.model(), self.o)
+        return self._probes
+
+    def prove(self, artifact: Path, inputs: list[np.ndarray] | None = None, runner: Callable | None = None):
+        """The parity proof of `artifact` (an ONNX, or any `runner` e.g. an engine, then without probes):
+        (ParityResult, outputs too flat to prove anything)."""
+        from edgedeploy.export.runners import OrtRunner, add_probe_outputs
+
+        pairs = self.parity_reference(inputs)
+        probes = self.probes() if runner is None else []
+        names = [n for n, _ in probes]
+        missing: list[str] = []
+        if runner is not None:
+            k = len(self.output_names)
+            pairs = [(x, ref[:k]) for x, ref in pairs]
+            return prove(self.adapter.compare, self.output_names, pairs, runner, self.rtol, self.atol)
+        if not probes:
+            return prove(self.adapter.compare, self.output_names, pairs, OrtRunner(artifact), self.rtol, self.atol)
+        with tempfile.TemporaryDirectory(prefix="edgedeploy-probe-") as tmp:
+            probed = Path(tmp) / artifact.name
+            weights = [(n, m.weight.detach().cpu().numpy()) for n, m in probes]
+            missing = add_probe_outputs(artifact, weights, probed)
+            found = [n for n in names if n not in missing]
+            k = len(self.output_names)
+            keep = list(range(k)) + [k + i for i, n in enumerate(names) if n not in missing]
+            pairs = [(x, [ref[i] for i in keep]) for x, ref in pairs]
+            return prove(self.adapter.compare, self.output_names, pairs, OrtRunner(probed), self.rtol, self.atol,
+                         found, missing)
+
     def step_parity(self, name: str, onnx_path: Path, key: str) -> None:
         if not getattr(self.adapter, "runs_in_onnxruntime", lambda _o: True)(self.o):  # e.g. a TensorRT plugin node
             self.record(Step(name, "skipped", 0.0, "graph has a TensorRT plugin op: not runnable in ONNX Runtime",
@@ -405,34 +508,14 @@ class _Exporter:
         if self.reusable(name, key):
             self.record(self.report_prev(name))
             return
-        from edgedeploy.export.runners import OrtRunner, TorchRunner
-
         t0 = time.perf_counter()
-        ort_run = OrtRunner(onnx_path)
-        if not hasattr(self, "_parity_ref"):  # torch outputs are shared by the raw and simplified proofs
-            torch_run = TorchRunner(self.model())
-            batches = self.parity_batches()
-            self._parity_ref = [(x, torch_run(x)) for x in batches]
-        result = None
-        batches = [x for x, _ in self._parity_ref]
-        for x, ref in self._parity_ref:
-            r = self.adapter.compare(self.output_names, ref, ort_run(x), self.rtol, self.atol)
-            r.n_inputs = x.shape[0]
-            result = r if result is None else result.merge(r)
-        assert result is not None
-        result.notes.append(f"batches: {[int(b.shape[0]) for b in batches]}")
-        low = [o.name for o in result.outputs if o.ref_std < 0.1 and o.total > 1]
-        if low:
-            result.notes.append(f"outputs with reference std < 0.1 (weak evidence): {low}")
-        step = Step(name, "ok" if result.passed else "failed", time.perf_counter() - t0,
-                    f"max_abs {result.max_abs:.2e}, cos {result.min_cosine:.6f} (rtol {self.rtol:g}, atol {self.atol:g})",
-                    {**result.to_dict(), "table": result.table()}, key if result.passed else "", [])
+        result, flat = self.prove(onnx_path)
+        check_insensitive(result, flat, self.random_weights, onnx_path.name, self.log)
+        ok = result.passed and not (flat and self.random_weights)
+        step = Step(name, "ok" if ok else "failed", time.perf_counter() - t0, parity_figure(result),
+                    {**result.to_dict(), "table": result.table()}, key if ok else "", [])
         self.record(step)
-        if not result.passed:
-            raise ParityError(
-                f"{onnx_path.name} disagrees with PyTorch beyond rtol={self.rtol:g}, atol={self.atol:g}:\n{result.table()}\n"
-                f"details in {self.out / 'export_report.json'}"
-            )
+        raise_if_failed(result, flat, self.random_weights, onnx_path.name, self.out / "export_report.json")
 
     def step_simplify(self, raw: Path, onnx_key: str) -> Path:
         path = self.path(".onnx")
@@ -652,6 +735,8 @@ class _Exporter:
         from tqdm import tqdm
 
         o = self.o
+        if self.random_weights:
+            self.log(RANDOM_WEIGHTS_LINE.format(seed=o.seed))
         self.log(f"export {self.name} ({self.info.task}) imgsz={self.imgsz} batch={o.batch_shape} -> {self.out}")
         planned = 5 + int(o.fp16) + int(o.int8)
         with tqdm(total=planned, desc=f"export {self.name}", unit="step", leave=False, disable=not o.progress) as bar:

@@ -30,17 +30,52 @@ class OrtRunner:
         return [np.asarray(o) for o in outs]
 
 
+def add_probe_outputs(onnx_path: str | Path, probe_weights: list[tuple[str, np.ndarray]], out_path: str | Path) -> list[str]:
+    """Write a copy of the ONNX whose graph also outputs, for each probe, the output of the Conv whose weight
+    initializer equals the probe's weight (a detector's prediction convs: their outputs are the raw network
+    outputs, before the decode). Returns the probes with no such Conv (their weights differ in the ONNX)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    convs = [(n, numpy_helper.to_array(inits[n.input[1]])) for n in model.graph.node
+             if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits]
+    missing = []
+    for name, w in probe_weights:
+        node = next((n for n, cw in convs if cw.shape == w.shape and np.array_equal(cw, w)), None)
+        if node is None:
+            missing.append(name)
+            continue
+        model.graph.output.append(onnx.ValueInfoProto(name=node.output[0]))
+    from edgedeploy.io import atomic_write_bytes
+
+    atomic_write_bytes(out_path, model.SerializeToString())
+    return missing
+
+
 class TorchRunner:
-    def __init__(self, module):
+    """`probes`: modules whose outputs are appended, in order, to the model's (forward hooks)."""
+
+    def __init__(self, module, probes=()):
         self.module = module.eval()
+        self.probes = list(probes)
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         import torch
 
-        with torch.no_grad():
-            out = self.module(torch.from_numpy(np.ascontiguousarray(x)))
+        captured: dict[int, torch.Tensor] = {}
+        handles = [m.register_forward_hook(lambda _m, _i, o, k=k: captured.setdefault(k, o))
+                   for k, m in enumerate(self.probes)]
+        try:
+            with torch.no_grad():
+                out = self.module(torch.from_numpy(np.ascontiguousarray(x)))
+        finally:
+            for h in handles:
+                h.remove()
         if isinstance(out, torch.Tensor):
             out = (out,)
         elif isinstance(out, dict):
             out = tuple(out.values())
+        out = tuple(out) + tuple(captured[k] for k in range(len(self.probes)))
         return [o.detach().cpu().numpy() for o in out]

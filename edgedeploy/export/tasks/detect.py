@@ -200,6 +200,14 @@ def spread_head_biases(model: "nn.Module") -> None:
                 conv.bias.view(-1, per)[:, first:].zero_()
 
 
+# Each BatchNorm variance floored at its layer's mean. Measured on yolox_nano at 416 px: the detector is then
+# well inside the ordered regime (PyTorch vs ONNX Runtime 1e-6 on the raw logits, but the coarse head levels move
+# only 7e-5..8e-4 across inputs); at 0.3-0.5 the logits move 1e-2..0.4 but float noise grows to 2e-5..3e-4 and
+# NMS keeps other boxes (BatchNorm-calibrated random detectors are chaotic: noise/std ~1e-3 vs ~1e-5 for
+# MobileNets). See docs/EXPORT.md, "Parity proof".
+DETECTOR_VAR_FLOOR = 1.0
+
+
 def make_detector_realistic(model: "nn.Module", sample, seed: int = 0) -> "nn.Module":
     """Weights with realistic output statistics for a parity proof without trained weights.
 
@@ -207,7 +215,10 @@ def make_detector_realistic(model: "nn.Module", sample, seed: int = 0) -> "nn.Mo
     instead of collapsing to constants), the prediction convs are redrawn so objectness/class logits have std ~0.3
     (tails below ~10: a sigmoid saturating to exactly 1.0 in float32 would make the best class a float-noise tie)
     and box logits std ~0.3 (YOLOX sizes ~3 strides), and the bias priors are zeroed. Returns the model in eval mode."""
+    from edgedeploy.export.weights import seeded_redraw
+
     torch = _torch()
+    seeded_redraw(model, seed)  # every parameter from the seed (biases, BatchNorm affine): bit-identical per seed
     x = torch.as_tensor(np.ascontiguousarray(sample))
     g = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -234,7 +245,7 @@ def make_detector_realistic(model: "nn.Module", sample, seed: int = 0) -> "nn.Mo
             m.momentum = mom
             # A channel nearly constant on the few calibration images would amplify any other image ~30x per
             # layer (1 / sqrt(eps)): floor each variance at its layer's mean.
-            m.running_var.clamp_(min=float(m.running_var.mean()))
+            m.running_var.clamp_(min=float(m.running_var.mean()) * DETECTOR_VAR_FLOOR)
         for conv in getattr(getattr(model, "head", None), "reg_preds", []):  # YOLOX: boxes ~3 strides wide, so
             conv.bias[2:4].fill_(float(np.log(3.0)))  # neighbouring cells overlap and NMS has work (as trained)
     model.eval()
@@ -310,11 +321,19 @@ class DetectAdapter(TaskAdapter):
         re-init (random BN statistics) collapses a detector's scores to one value, and ties make NMS arbitrary."""
         torch = _torch()
         detector = getattr(module, "model", module)
-        make_detector_realistic(detector, sample, seed)
+        make_detector_realistic(detector, sample, seed)  # every parameter from the seed: bit-identical per seed
         with torch.no_grad():
             _, scores = detector(torch.as_tensor(np.ascontiguousarray(sample)))
         best = scores.amax(-1)
         return {"score_std": float(best.std()), "score_max": float(best.max()), "method": "bn_calibrated_head_spread"}
+
+    def parity_probes(self, module: "nn.Module", options: ExportOptions) -> list[tuple[str, "nn.Module"]]:
+        """The prediction convs: decoded boxes amplify float noise through exp() (boxes of ~1000 px differ by
+        ~100 px on BatchNorm-calibrated weights) and post-NMS scores are sorted, so the raw logits are also
+        compared at the strict tolerance, and the input-spread check applies to them."""
+        detector = getattr(module, "model", module)
+        names = {id(m): n for n, m in detector.named_modules()}
+        return [(f"raw:{names[id(c)]}", c) for c, _, _ in _prediction_convs(detector)]
 
     def output_names(self, options: ExportOptions) -> list[str]:
         return ["boxes", "scores"] if detect_options(options)["nms"] == "none" else list(NMS_OUTPUTS)
@@ -336,9 +355,9 @@ class DetectAdapter(TaskAdapter):
         return out
 
     def sample_inputs(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-        """With NMS in the graph: real-looking images only. A random-normal input drives several class sigmoids
-        to ~1.0 at once, so the best class (and with it the NMS grouping) becomes a float-noise tie between
-        PyTorch and ONNX Runtime; the element-wise `--nms none` proof keeps that input."""
+        """With NMS in the graph: real-looking images only (random inputs can drive several class sigmoids to ~1.0
+        at once, so the best class, and with it the NMS grouping, becomes a float-noise tie between PyTorch and
+        ONNX Runtime); the element-wise `--nms none` proof also takes the uniform [0, 1) inputs."""
         if getattr(self, "_nms", "onnx") == "none":
             return super().sample_inputs(info, imgsz, n, rng)
         return [self.preprocess(img, info, imgsz) for img in self.images(info, imgsz, max(n, 1), rng)]
