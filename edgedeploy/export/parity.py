@@ -116,8 +116,9 @@ class ParityResult:
         return d
 
 
-def compare_output(name: str, ref: np.ndarray, got: np.ndarray, rtol: float, atol: float) -> OutputParity:
-    """Compare one output array against its reference."""
+def compare_output(name: str, ref: np.ndarray, got: np.ndarray, rtol: float, atol: "float | np.ndarray") -> OutputParity:
+    """Compare one output array against its reference. `atol` may be an array broadcastable to the output's
+    shape (e.g. a per-box tolerance), which `assert_allclose` applies element-wise."""
     ref = np.asarray(ref)
     got = np.asarray(got)
     if ref.shape != got.shape:
@@ -129,14 +130,20 @@ def compare_output(name: str, ref: np.ndarray, got: np.ndarray, rtol: float, ato
     if r.size == 0:
         return OutputParity(name, list(ref.shape), 0.0, 0.0, 1.0, 0, 0, True, 0.0)
     diff = np.abs(r - g)
-    significant = np.abs(r) > atol
+    atol_full = np.broadcast_to(np.asarray(atol, np.float64), ref.shape).ravel()
+    significant = np.abs(r) > atol_full
     max_rel = float((diff[significant] / np.abs(r[significant])).max()) if significant.any() else 0.0
     denom = np.linalg.norm(r) * np.linalg.norm(g)
     cosine = float(r @ g / denom) if denom > 0 else float(np.array_equal(r, g))
-    bad = int((diff > atol + rtol * np.abs(r)).sum()) if np.isfinite(g).all() else r.size
+    bad = int((diff > atol_full + rtol * np.abs(r)).sum()) if np.isfinite(g).all() else r.size
     message = ""
     try:
-        np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol, err_msg=f"output {name!r}")
+        if np.ndim(atol) == 0:
+            np.testing.assert_allclose(got, ref, rtol=rtol, atol=atol, err_msg=f"output {name!r}")
+        else:  # |g - r| <= a + rtol |r|  <=>  |g/a - r/a| <= 1 + rtol |r/a|  (a > 0): assert_allclose decides
+            a = np.broadcast_to(np.asarray(atol, np.float64), ref.shape)
+            np.testing.assert_allclose(got / a, ref / a, rtol=rtol, atol=1.0,
+                                       err_msg=f"output {name!r} (values in units of their own atol)")
         passed = True
     except AssertionError as e:
         passed = False

@@ -480,7 +480,10 @@ class _Exporter:
         from edgedeploy.export.runners import OrtRunner, add_probe_outputs
 
         pairs = self.parity_reference(inputs)
-        probes = self.probes() if runner is None else []
+        # Raw pre-decode probes make a random-weight detector's proof input-sensitive; with the user's weights the
+        # final outputs move with the input by themselves and are what is judged (a random-weight fixture's raw
+        # logits near 0 differ torch vs ORT by ~1e-4 from float32 noise, while its boxes and scores agree).
+        probes = self.probes() if runner is None and self.random_weights else []
         names = [n for n, _ in probes]
         missing: list[str] = []
         if runner is not None:

@@ -171,10 +171,11 @@ class TaskAdapter:
         from edgedeploy.data.preprocess import InputConvention, convention_for
 
         c = convention_for(info)
-        if c != InputConvention.from_info(info):  # the weights' own convention (e.g. BGR 0-255): uniform pixels
-            # mapped through it, so that the input is on the scale the weights expect
+        if c != InputConvention.from_info(info):  # the weights' own convention (e.g. BGR 0-255): uniform pixels in
+            # 64-192 mapped through it, on the scale the weights expect (full-range noise on pixel-scale random-weight
+            # fixtures drives their heads chaotic: torch vs ORT apart by 1e-3 of the outputs' spread)
             m, sd = np.asarray(c.mean, np.float32).reshape(3, 1, 1), np.asarray(c.std, np.float32).reshape(3, 1, 1)
-            uniform = [((u * 255 * np.float32(c.scale)) - m) / sd for u in uniform]
+            uniform = [(((64 + 128 * u) * np.float32(c.scale)) - m) / sd for u in uniform]
         images += [u.astype(np.float32) for u in uniform]
         return images
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from edgedeploy.errors import ExportError
 from edgedeploy.export.options import ExportOptions
-from edgedeploy.export.parity import OutputParity, ParityResult, compare_outputs
+from edgedeploy.export.parity import OutputParity, ParityResult, compare_output, compare_outputs
 from edgedeploy.export.tasks.base import EvalData, RunFn, TaskAdapter, register_task
 
 if TYPE_CHECKING:
@@ -392,12 +392,17 @@ class DetectAdapter(TaskAdapter):
             # Boxes are pixel coordinates: x1 = cx - w/2 cancels two values of the image's scale, so float noise
             # is relative to that scale, not to the (possibly ~0) result. Box atol is atol x the typical
             # coordinate (median |box|, ~imgsz/2): 4.3e-4 px on a 256-px yolox_nano, 1.7e-6 of the image.
-            box_scale = max(1.0, float(np.median(np.abs(np.asarray(torch_outs[0])))))
-            boxes = compare_outputs(["boxes"], torch_outs[:1], onnx_outs[:1], rtol, atol * box_scale)
+            # And the rtol of a coordinate is taken relative to its box's largest coordinate (the scale of the
+            # terms that cancelled), as `_match_exact` does for detections after NMS.
+            ref_boxes = np.asarray(torch_outs[0], np.float64)
+            box_scale = max(1.0, float(np.median(np.abs(ref_boxes))))
+            per_box = atol * box_scale + rtol * np.abs(ref_boxes).max(axis=-1, keepdims=True)
+            box_row = compare_output("boxes", torch_outs[0], onnx_outs[0], rtol, per_box)
+            boxes = ParityResult(box_row.passed, rtol, atol, [box_row])
             scores = compare_outputs(["scores"], torch_outs[1:], onnx_outs[1:], rtol, atol)
             result = ParityResult(boxes.passed and scores.passed, rtol, atol, boxes.outputs + scores.outputs)
             result.notes.append(f"boxes compared with atol {atol * box_scale:.2e} px ({atol:g} x median |box| "
-                                f"{box_scale:.1f} px)")
+                                f"{box_scale:.1f} px) + rtol x the box's largest coordinate")
             return result
         if list(names) != NMS_OUTPUTS:
             return compare_outputs(names, torch_outs, onnx_outs, rtol, atol)
