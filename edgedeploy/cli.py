@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from edgedeploy import __version__
-from edgedeploy.errors import EXIT_ERROR, EXIT_INTERRUPTED, EdgeDeployError
+from edgedeploy.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EdgeDeployError
 
 # name -> (module exposing `configure(parser)` and `run(args) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,10 +24,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one short paragraph (the bad argument and where to look), not the whole usage text."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only `command`'s options are configured (and its module imported) when given,
     so `deploy --help` and `deploy doctor` stay fast and do not pull in torch."""
-    parser = argparse.ArgumentParser(prog="deploy", description=__doc__)
+    parser = _Parser(prog="deploy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edgedeploy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgedeploy import options as opt
 from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.io import atomic_path, atomic_write_text, sha256_file
@@ -272,10 +273,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     src.add_argument("--onnx", help="ONNX file with its .json sidecar")
     p.add_argument("--repo", required=True, help="model repository directory to write into")
     p.add_argument("--name", help="model name in the repository (default: the artifact's stem)")
-    p.add_argument("--max-batch", type=int, default=8, help="Triton max_batch_size (needs a dynamic-batch export)")
-    p.add_argument("--instances", type=int, default=1, help="execution instances per GPU")
+    p.add_argument("--max-batch", type=opt.TRITON_MAX_BATCH.arg, default=8, help="Triton max_batch_size (needs a dynamic-batch export)")
+    p.add_argument("--instances", type=opt.INSTANCES.arg, default=1, help="execution instances per GPU")
     p.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"])
-    p.add_argument("--preferred-batch", type=int, nargs="*", help="preferred dynamic-batch sizes")
+    p.add_argument("--preferred-batch", type=opt.BATCH.arg, nargs="*", help="preferred dynamic-batch sizes")
     p.add_argument("--preprocess", action=argparse.BooleanOptionalAction, default=None,
                    help="add a python-backend preprocess step and an ensemble (default: on for detectors)")
 

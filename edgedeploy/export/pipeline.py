@@ -7,6 +7,7 @@ every artifact whose key and file are unchanged (`force=True` rebuilds all).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -20,10 +21,12 @@ import numpy as np
 from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
 from edgedeploy.errors import BuilderUnavailableError, EdgeDeployError, EngineBuildError, ParityError
 from edgedeploy.export.options import BUILDERS, ExportOptions
-from edgedeploy.export.report import ExportReport, Step, load_report
+from edgedeploy.export.report import REPORT_NAME, ExportReport, Step, load_report
+from edgedeploy.io import missing_dirs
 from edgedeploy.export.tasks.base import EvalData, TaskAdapter, get_task_adapter
 from edgedeploy.io import sha256_file
 
+FAILED_REPORT_NAME = "export_report.failed.json"  # the last failed run, beside the good report
 _CODE_FILES = ("onnx_export.py", "simplify.py", "parity.py", "fp16.py", "int8.py", "weights.py", "pipeline.py")
 
 
@@ -99,24 +102,20 @@ class _Exporter:
         self.log = log
         self.info = get_model_info(options.model)
         self.adapter: TaskAdapter = get_task_adapter(self.info.task)
-        self.imgsz = int(options.imgsz or self._checkpoint_meta(options.weights).get("imgsz") or self.info.imgsz)
-        multiple = self.adapter.imgsz_multiple
-        if self.imgsz < 32 or self.imgsz % multiple:
-            rule = f"a multiple of {multiple}, " if multiple > 1 else ""
-            raise EdgeDeployError(f"--imgsz {self.imgsz}: {self.info.task} models need {rule}at least 32")
-        if options.dynamic_batch:
-            mn, opt, mx = options.dynamic_batch
-            if not (1 <= mn <= opt <= mx):
-                raise EdgeDeployError(f"--dynamic-batch {mn}:{opt}:{mx}: need 1 <= MIN <= OPT <= MAX")
-        elif options.batch < 1:
-            raise EdgeDeployError(f"--batch {options.batch}: must be >= 1")
+        from edgedeploy.options import check_imgsz
+
+        self.imgsz = check_imgsz(options.imgsz or self._checkpoint_meta(options.weights).get("imgsz") or self.info.imgsz,
+                                 self.adapter.imgsz_multiple, batch=options.batch_shape[2], who=f"{self.info.task} models")
         self.name = self.info.name
         self.ckpt_meta = self._checkpoint_meta(options.weights)
         self._class_names = [str(c) for c in self.ckpt_meta.get("class_names") or []]
         self._resolve_data_sources()
         self.out = Path(options.out) / self.name
+        self._new_dirs = missing_dirs(self.out)  # removed again if the run fails and leaves them empty
         _check_writable(self.out)
-        self.previous = None if options.force else load_report(self.out)
+        self._prior = load_report(self.out)  # kept (reuse keys included) if this run fails
+        self.previous = None if options.force else self._prior
+        self._started = time.time()
         self.weights_sha = sha256_file(options.weights) if options.weights and Path(options.weights).is_file() else None
         self.code = code_version()
         self.report = ExportReport(
@@ -204,9 +203,41 @@ class _Exporter:
         self.report.add(step)
         for a in step.artifacts:
             self.report.artifacts[step.name if len(step.artifacts) == 1 else a] = a
-        self.report.write()
+        self._report_so_far().write()
         self.log(f"  {step.name:<20} {step.status:<7} {step.time_s:6.1f}s  {step.figure}")
         return step
+
+    def _report_so_far(self, started: float | None = None) -> ExportReport:
+        """This run's steps over the previous report's: steps not reached yet keep their entries and reuse
+        keys (the keys chain on upstream keys, so a changed ONNX still invalidates what was built from it).
+        `started`: also drop kept steps whose artifacts were rewritten since then (by this failed run)."""
+        if self._prior is None:
+            return self.report
+        done = {s.name for s in self.report.steps}
+        kept = [s for s in self._prior.steps if s.name not in done and not (
+            started is not None and any((self.out / a).exists() and (self.out / a).stat().st_mtime >= started
+                                        for a in s.artifacts))]
+        merged = copy.copy(self.report)
+        merged.steps = list(self.report.steps) + kept
+        merged.artifacts = {**self._prior.artifacts, **self.report.artifacts}
+        return merged
+
+    def _failed(self, err: BaseException) -> None:
+        """A failed or interrupted run: the report keeps every good step (the previous run's included), the
+        failure goes beside it in export_report.failed.json, and folders this run created empty are removed."""
+        from edgedeploy.io import atomic_write_json, remove_empty_dirs
+
+        try:
+            if self.out.is_dir() and (self.report.steps or self._prior is not None):
+                self._report_so_far(started=self._started).write()
+                atomic_write_json(self.out / FAILED_REPORT_NAME, {
+                    "error": f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,
+                    "interrupted": isinstance(err, KeyboardInterrupt),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "steps": [vars(s) for s in self.report.steps],
+                })
+        finally:
+            remove_empty_dirs(self._new_dirs)
 
     def meta(self, precision: str, input_dtype: str = "float32") -> ArtifactMeta:
         mn, opt, mx = self.o.batch_shape
@@ -335,7 +366,7 @@ class _Exporter:
         if not result.passed:
             raise ParityError(
                 f"{onnx_path.name} disagrees with PyTorch beyond rtol={self.rtol:g}, atol={self.atol:g}:\n{result.table()}\n"
-                f"details in {self.out / 'export_report.json'}"
+                f"details in {self.out / REPORT_NAME}"
             )
 
     def step_simplify(self, raw: Path, onnx_key: str) -> Path:
@@ -540,6 +571,15 @@ class _Exporter:
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self) -> ExportReport:
+        try:
+            report = self._run()
+        except BaseException as e:
+            self._failed(e)
+            raise
+        (self.out / FAILED_REPORT_NAME).unlink(missing_ok=True)
+        return report
+
+    def _run(self) -> ExportReport:
         from tqdm import tqdm
 
         o = self.o

@@ -105,11 +105,14 @@ def create_model(
     **kwargs,
 ) -> nn.Module:
     """Build a registered model. `weights` is a checkpoint path (ours or a torchvision state_dict)."""
+    from edgedeploy.options import NUM_CLASSES
+
     info = get_model_info(name)
+    num_classes = NUM_CLASSES.check_optional(num_classes, "num_classes")
     model = info.builder(num_classes=num_classes if num_classes is not None else info.default_num_classes, **kwargs)
     if weights is not None:
         from edgedeploy.models.checkpoint import load_weights
 
-        load_weights(model, weights)
+        load_weights(model, weights, model_name=info.name)
     model.model_info = info  # type: ignore[attr-defined]  (lets exporters/pipelines find task and preprocessing)
     return model

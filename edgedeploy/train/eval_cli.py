@@ -11,6 +11,8 @@ import argparse
 import importlib
 from pathlib import Path
 
+from edgedeploy import options as opt
+
 TASK_EVALUATORS = {
     "detect": "edgedeploy.train.detect_eval",
     "segment": "edgedeploy.train.segment_eval",
@@ -25,13 +27,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="registry name (default: recorded in the artifact)")
     parser.add_argument("--data", default=None, help="dataset folder or `synthetic` (default: the training data)")
     parser.add_argument("--split", default="val", help="dataset split to evaluate")
-    parser.add_argument("--imgsz", type=int, default=None, help="default: the training size recorded in the artifact")
-    parser.add_argument("--batch", "--batch-size", dest="batch", type=int, default=None)
-    parser.add_argument("--num-classes", type=int, default=None, help="default: recorded in the checkpoint")
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--imgsz", type=opt.IMGSZ.arg, default=None, help="default: the training size recorded in the artifact")
+    parser.add_argument("--batch", "--batch-size", dest="batch", type=opt.BATCH.arg, default=None)
+    parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, default=None, help="default: recorded in the checkpoint")
+    parser.add_argument("--workers", type=opt.WORKERS.arg, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (PyTorch checkpoints)")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from edgedeploy.train.detect_eval import add_detect_eval_arguments
+
+    add_detect_eval_arguments(parser.add_argument_group("detection models"))
 
 
 def _artifact(args: argparse.Namespace) -> str:
