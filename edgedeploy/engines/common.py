@@ -9,6 +9,10 @@ The `trt` module is passed in, so unit tests can inject a fake that records call
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +104,61 @@ def add_profile(trt: ModuleType, builder, network, config, batch: tuple[int, int
     return shapes
 
 
+class BuildInterrupt:
+    """Ctrl-C while the C++ builder runs: a Python KeyboardInterrupt raised inside one of the builder's
+    callbacks (logger, progress monitor) is swallowed by the bindings and the build runs on. So while
+    building, SIGINT only sets a flag; a progress monitor (IProgressMonitor, TensorRT 10+ and TensorRT-RTX)
+    returns False from step_complete to cancel the build at its next step, and once the builder returns
+    we raise KeyboardInterrupt before anything is written (the CLI exits 130)."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._previous: Any = None
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if not self.requested.is_set():
+            print("\ninterrupt: cancelling the engine build (no engine will be written) ...", file=sys.stderr, flush=True)
+        self.requested.set()
+
+    def __enter__(self) -> "BuildInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def raise_if_requested(self) -> None:
+        if self.requested.is_set():
+            raise KeyboardInterrupt("engine build cancelled")
+
+    def monitor(self, trt: ModuleType):
+        """A trt.IProgressMonitor that cancels the build once Ctrl-C was pressed (None if the API lacks it)."""
+        base = getattr(trt, "IProgressMonitor", None)
+        if base is None:
+            return None
+        requested = self.requested
+
+        class CancellingMonitor(base):  # type: ignore[misc, valid-type]
+            def __init__(self) -> None:
+                base.__init__(self)
+                self.steps = 0
+
+            def phase_start(self, phase_name, parent_phase, num_steps) -> None:  # noqa: D401
+                pass
+
+            def step_complete(self, phase_name, step) -> bool:
+                self.steps += 1
+                return not requested.is_set()  # False cancels the build
+
+            def phase_finish(self, phase_name) -> None:
+                pass
+
+        return CancellingMonitor()
+
+
 def build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_timing_cache: bool = True) -> BuildResult:
     """Parse, configure, build and write `req.engine_path` + sidecar. Raises EngineBuildError with the logs."""
     logger = make_logger(trt)
@@ -123,26 +182,33 @@ def build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_timi
         config.set_timing_cache(cache, False)  # False: a cache from another device/version is rejected, not used
         cache_state = "reused" if data else "created"
 
-    t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    build_time = time.perf_counter() - t0
-    if serialized is None:
-        msgs = logger.at_most(trt.ILogger.Severity.ERROR) or ["(the builder logged no error)"]
-        raise EngineBuildError(f"{builder_name} failed to build {req.engine_path.name}:\n  " + "\n  ".join(msgs))
-    blob = bytes(memoryview(serialized))
+    with BuildInterrupt() as interrupt:  # held until the sidecar is written: never an engine without one
+        monitor = interrupt.monitor(trt)
+        if monitor is not None:
+            with contextlib.suppress(AttributeError, TypeError):
+                config.progress_monitor = monitor
+        t0 = time.perf_counter()
+        serialized = builder.build_serialized_network(network, config)
+        build_time = time.perf_counter() - t0
+        interrupt.raise_if_requested()  # before anything is written: no engine under its final name
+        if serialized is None:
+            msgs = logger.at_most(trt.ILogger.Severity.ERROR) or ["(the builder logged no error)"]
+            raise EngineBuildError(f"{builder_name} failed to build {req.engine_path.name}:\n  " + "\n  ".join(msgs))
+        blob = bytes(memoryview(serialized))
 
-    if use_timing_cache and req.timing_cache is not None:
-        atomic_write_bytes(req.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    atomic_write_bytes(req.engine_path, blob)
+        if use_timing_cache and req.timing_cache is not None:
+            atomic_write_bytes(req.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+        atomic_write_bytes(req.engine_path, blob)
 
-    meta = req.meta
-    meta.builder = builder_name
-    meta.builder_version = str(getattr(trt, "__version__", ""))
-    meta.build_time_s = round(build_time, 3)
-    meta.onnx_sha256 = sha256_file(req.onnx_path)
-    meta.batch = {"min": req.batch[0], "opt": req.batch[1], "max": req.batch[2]}
-    meta.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    sidecar = write_sidecar(req.engine_path, meta)
+        meta = req.meta
+        meta.builder = builder_name
+        meta.builder_version = str(getattr(trt, "__version__", ""))
+        meta.build_time_s = round(build_time, 3)
+        meta.onnx_sha256 = sha256_file(req.onnx_path)
+        meta.batch = {"min": req.batch[0], "opt": req.batch[1], "max": req.batch[2]}
+        meta.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        sidecar = write_sidecar(req.engine_path, meta)
+    interrupt.raise_if_requested()  # pressed during the (millisecond) write: the pair is complete, then stop
     return BuildResult(
         engine_path=req.engine_path,
         sidecar_path=sidecar,

@@ -44,7 +44,13 @@ class TensorSpec:
 def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001  (protobuf DecodeError on a truncated/corrupt file, OSError ...)
+        raise EdgeDeployError(
+            f"cannot read {path}: not a valid ONNX file (truncated or corrupt? {type(e).__name__}). Re-export it "
+            "with `deploy export`, or copy the complete file"
+        ) from None
     try:  # fill in output shapes the exporter left symbolic
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:
@@ -235,7 +241,20 @@ def write_triton_repo(
         raise EdgeDeployError(f"--kind must be KIND_GPU or KIND_CPU, not {kind}")
     if platform == "tensorrt_plan" and kind == "KIND_CPU":
         raise EdgeDeployError("a TensorRT plan runs on the GPU only: use --kind KIND_GPU")
-    meta = read_sidecar(artifact)
+    meta = read_sidecar(artifact, required=False)
+    if meta is None:
+        raise EdgeDeployError(
+            f"no sidecar {artifact.name}.json beside {artifact}: it records the task, input, normalisation and "
+            "batch the Triton configuration needs. Copy the .json that `deploy export` wrote with the artifact, "
+            "or re-export: `deploy export --model NAME --out DIR` (add --dynamic-batch 1:8:16 for Triton batching)"
+        )
+    if platform == "tensorrt_plan" and meta.builder == "tensorrt-rtx":
+        raise EdgeDeployError(
+            f"{artifact.name} is a TensorRT-RTX {meta.builder_version} engine: it runs only with the TensorRT-RTX "
+            "runtime on an RTX-class GPU, and Triton's TensorRT backend (platform tensorrt_plan) cannot load it. "
+            "Serve the ONNX instead (`deploy triton --onnx ...`), or build a TensorRT plan with the TensorRT version "
+            "of your Triton container (`deploy export --builder tensorrt` inside it)"
+        )
     inputs, outputs = describe_io(artifact, meta)
     name = name or artifact.name.split(".")[0]
 
@@ -288,5 +307,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for d in written:
         print(f"wrote {d}/config.pbtxt")
+    meta = read_sidecar(args.engine, required=False) if args.engine else None
+    if meta is not None and meta.builder == "tensorrt":
+        print(f"note: this plan needs TensorRT {meta.builder_version or '(version not recorded)'} in the Triton "
+              f"container (plans do not move between TensorRT versions) and a GPU of compute capability "
+              f"{meta.compute_capability or '(not recorded)'}")
     print(f"start a server with: tritonserver --model-repository {Path(args.repo).resolve()}")
     return 0

@@ -552,6 +552,7 @@ class _Exporter:
             src_meta = self.meta(precision)
             req = BuildRequest(onnx_path, engine, src_meta, self.o.batch_shape, self.o.workspace_mb,
                                timing_cache if builder == "tensorrt" else None)
+            self.log(f"  {name:<20} building with {builder} (Ctrl-C cancels; nothing is written) ...")
             t0 = time.perf_counter()
             try:
                 res = build(req)

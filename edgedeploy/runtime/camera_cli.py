@@ -63,4 +63,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         pipeline.close()
     print(summary.format())
+    if summary.end_reason == "interrupted":  # Ctrl-C: summary printed and video finalised, as scripts expect 130
+        from edgedeploy.errors import EXIT_INTERRUPTED
+
+        return EXIT_INTERRUPTED
     return 0 if summary.end_reason != "source lost" else 1
