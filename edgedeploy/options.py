@@ -23,12 +23,15 @@ class OptionError(EdgeDeployError, ValueError):
     exit_code = EXIT_USAGE
 
 
+_ARG = "\x00"  # stands for the flag in messages argparse prefixes with "argument --flag: " itself
+
+
 def _argtype(check, metavar: str):
     def parse(text: str):
         try:
-            return check(text)
+            return check(text, _ARG)
         except OptionError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
+            raise argparse.ArgumentTypeError(str(e).replace(_ARG + " ", "").replace(_ARG, "")) from None
 
     parse.__name__ = metavar  # argparse names the type in "invalid <name> value" messages
     return parse
@@ -161,7 +164,7 @@ dynamic_batch.arg = _argtype(dynamic_batch, "MIN:OPT:MAX")  # type: ignore[attr-
 def percentiles(value: Any, flag: str = "--percentiles") -> tuple[float, ...]:
     items: Sequence[Any] = [p for p in value.split(",") if p.strip()] if isinstance(value, str) else list(value)
     if not items:
-        raise OptionError(f"{flag}: give at least one percentile, e.g. 90,95,99")
+        raise OptionError(f"{flag} {value!r}: give at least one percentile, e.g. 90,95,99")
     return tuple(PERCENTILE.check(p, flag) for p in items)
 
 
