@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from edgedeploy import __version__
@@ -52,6 +53,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    if rc == EXIT_INTERRUPTED and argv is None:
+        # Ctrl-C in the `deploy` process itself: every `finally`/`with` has already cleaned up; skip the
+        # interpreter teardown (torch's takes 2+ s on a busy CPU machine) so the shell gets 130 at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser(command)
@@ -70,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: no partial artifacts were left behind", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # a path we cannot read or write (permissions, full disk, a file where a folder goes)
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: cannot access{where}: {e.strerror or e}. Check the path and its permissions and free space",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

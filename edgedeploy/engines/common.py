@@ -159,17 +159,43 @@ class BuildInterrupt:
         return CancellingMonitor()
 
 
+def import_builder(module: str) -> ModuleType:
+    """Import tensorrt / tensorrt_rtx_bindings with Ctrl-C deferred: a KeyboardInterrupt inside the native
+    module's initialisation surfaces as an ImportError ("not installed"), the wrong diagnosis and exit code."""
+    import importlib
+
+    with BuildInterrupt() as interrupt:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            interrupt.raise_if_requested()
+            raise
+    interrupt.raise_if_requested()
+    return mod
+
+
 def build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_timing_cache: bool = True) -> BuildResult:
-    """Parse, configure, build and write `req.engine_path` + sidecar. Raises EngineBuildError with the logs."""
+    """Parse, configure, build and write `req.engine_path` + sidecar. Raises EngineBuildError with the logs,
+    KeyboardInterrupt (nothing written) when Ctrl-C was pressed at any point in here."""
+    with BuildInterrupt() as interrupt:  # from parsing (its logger calls back into Python too) to the sidecar
+        result = _build_engine(trt, builder_name, req, use_timing_cache, interrupt)
+    interrupt.raise_if_requested()  # pressed during the (millisecond) write: the pair is complete, then stop
+    return result
+
+
+def _build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_timing_cache: bool,
+                  interrupt: BuildInterrupt) -> BuildResult:
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(req.onnx_path)):
+        interrupt.raise_if_requested()
         msgs = parser_errors(parser) or logger.at_most(trt.ILogger.Severity.ERROR)
         raise EngineBuildError(
             f"{builder_name} ONNX parser rejected {req.onnx_path.name}:\n  " + "\n  ".join(msgs or ["(no message)"])
         )
+    interrupt.raise_if_requested()
     config = builder.create_builder_config()
     if req.workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(req.workspace_mb) << 20)
@@ -182,33 +208,31 @@ def build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_timi
         config.set_timing_cache(cache, False)  # False: a cache from another device/version is rejected, not used
         cache_state = "reused" if data else "created"
 
-    with BuildInterrupt() as interrupt:  # held until the sidecar is written: never an engine without one
-        monitor = interrupt.monitor(trt)
-        if monitor is not None:
-            with contextlib.suppress(AttributeError, TypeError):
-                config.progress_monitor = monitor
-        t0 = time.perf_counter()
-        serialized = builder.build_serialized_network(network, config)
-        build_time = time.perf_counter() - t0
-        interrupt.raise_if_requested()  # before anything is written: no engine under its final name
-        if serialized is None:
-            msgs = logger.at_most(trt.ILogger.Severity.ERROR) or ["(the builder logged no error)"]
-            raise EngineBuildError(f"{builder_name} failed to build {req.engine_path.name}:\n  " + "\n  ".join(msgs))
-        blob = bytes(memoryview(serialized))
+    monitor = interrupt.monitor(trt)
+    if monitor is not None:
+        with contextlib.suppress(AttributeError, TypeError):
+            config.progress_monitor = monitor
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_time = time.perf_counter() - t0
+    interrupt.raise_if_requested()  # before anything is written: no engine under its final name
+    if serialized is None:
+        msgs = logger.at_most(trt.ILogger.Severity.ERROR) or ["(the builder logged no error)"]
+        raise EngineBuildError(f"{builder_name} failed to build {req.engine_path.name}:\n  " + "\n  ".join(msgs))
+    blob = bytes(memoryview(serialized))
 
-        if use_timing_cache and req.timing_cache is not None:
-            atomic_write_bytes(req.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-        atomic_write_bytes(req.engine_path, blob)
+    if use_timing_cache and req.timing_cache is not None:
+        atomic_write_bytes(req.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    atomic_write_bytes(req.engine_path, blob)
 
-        meta = req.meta
-        meta.builder = builder_name
-        meta.builder_version = str(getattr(trt, "__version__", ""))
-        meta.build_time_s = round(build_time, 3)
-        meta.onnx_sha256 = sha256_file(req.onnx_path)
-        meta.batch = {"min": req.batch[0], "opt": req.batch[1], "max": req.batch[2]}
-        meta.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        sidecar = write_sidecar(req.engine_path, meta)
-    interrupt.raise_if_requested()  # pressed during the (millisecond) write: the pair is complete, then stop
+    meta = req.meta
+    meta.builder = builder_name
+    meta.builder_version = str(getattr(trt, "__version__", ""))
+    meta.build_time_s = round(build_time, 3)
+    meta.onnx_sha256 = sha256_file(req.onnx_path)
+    meta.batch = {"min": req.batch[0], "opt": req.batch[1], "max": req.batch[2]}
+    meta.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    sidecar = write_sidecar(req.engine_path, meta)
     return BuildResult(
         engine_path=req.engine_path,
         sidecar_path=sidecar,

@@ -203,7 +203,8 @@ class _Exporter:
         self.report.add(step)
         for a in step.artifacts:
             self.report.artifacts[step.name if len(step.artifacts) == 1 else a] = a
-        self._report_so_far().write()
+        if self._prior is None or self._redone():  # a run that only reused steps leaves the good report as it was
+            self._report_so_far().write()
         self.log(f"  {step.name:<20} {step.status:<7} {step.time_s:6.1f}s  {step.figure}")
         return step
 
@@ -222,6 +223,10 @@ class _Exporter:
         merged.artifacts = {**self._prior.artifacts, **self.report.artifacts}
         return merged
 
+    def _redone(self) -> bool:
+        """Whether this run rewrote any artifact (a step not reused)."""
+        return any(s.status != "reused" for s in self.report.steps)
+
     def _failed(self, err: BaseException) -> None:
         """A failed or interrupted run: the report keeps every good step (the previous run's included), the
         failure goes beside it in export_report.failed.json, and folders this run created empty are removed."""
@@ -229,7 +234,8 @@ class _Exporter:
 
         try:
             if self.out.is_dir() and (self.report.steps or self._prior is not None):
-                self._report_so_far(started=self._started).write()
+                if self._prior is None or self._redone():
+                    self._report_so_far(started=self._started).write()
                 atomic_write_json(self.out / FAILED_REPORT_NAME, {
                     "error": f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,
                     "interrupted": isinstance(err, KeyboardInterrupt),

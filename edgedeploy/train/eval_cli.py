@@ -111,6 +111,8 @@ def _eval_classify(args: argparse.Namespace, path: str, model_name: str | None, 
     num_classes = len(meta["class_names"]) if data == "synthetic" and meta.get("class_names") else None
     if args.split != "val":
         raise EdgeDeployError("classification eval reads the val split of the dataset (--split val)")
+    # open the artifact first: a corrupt file fails in a second, not after the dataset is read or generated
+    predict, batch = predictor_for_artifact(path, model_name, args.num_classes, args.device)
     _, val, class_names, root = classification_datasets(
         data, imgsz, meta.get("mean") or info.mean, meta.get("std") or info.std, num_classes=num_classes,
         seed=int(saved.get("seed", 0)), augment=False, progress=not args.quiet,
@@ -120,7 +122,6 @@ def _eval_classify(args: argparse.Namespace, path: str, model_name: str | None, 
         raise EdgeDeployError(
             f"{path} was trained on classes {trained}, but {root} has {class_names}: labels would not line up"
         )
-    predict, batch = predictor_for_artifact(path, model_name, args.num_classes, args.device)
     scores = evaluate_classifier(predict, val, batch_size=args.batch or batch, workers=args.workers,
                                  progress=not args.quiet)
     print(
