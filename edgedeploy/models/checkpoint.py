@@ -70,6 +70,8 @@ def _refusal(path: str | os.PathLike, err: Exception) -> str:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads the pickle opcodes, runs nothing
     except Exception:  # noqa: BLE001  (legacy, non-zip files)
         names = []
+    allowed = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}" for g in _numpy_scalar_globals() + SAFE_GLOBALS}
+    names = [n for n in names if n not in allowed]
     if not names:
         m = re.search(r"GLOBAL ([\w.]+)|global '?([\w.]+)", str(err))
         names = [next(g for g in m.groups() if g)] if m else []

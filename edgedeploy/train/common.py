@@ -272,7 +272,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "epoch": int(epoch),
-        "best_metric": best_metric,
+        "best_metric": plain_tree(best_metric),
         "meta": plain_tree(dict(meta)),
         "version": CHECKPOINT_VERSION,
     }
