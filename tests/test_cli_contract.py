@@ -331,6 +331,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 NUMBERS = st.one_of(
+    st.integers(min_value=-5, max_value=70_000).map(str),  # mostly near and inside the valid ranges
+    st.floats(min_value=-10, max_value=1e5).map(repr),
     st.integers(min_value=-(10**12), max_value=10**12).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["", " ", "0x10", "1e3", "1_000", "-0", "nan", "inf", "--", "3.5", "٣", "1:2:3", "0:0:0"]),
@@ -359,7 +361,7 @@ NUMERIC = [
 ]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(option=st.sampled_from(NUMERIC), value=NUMBERS)
 def test_numeric_options_never_traceback(option, value, ws, monkeypatch, capsys):
     monkeypatch.chdir(ws)
