@@ -60,21 +60,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-@contextlib.contextmanager
-def new_output_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Create `path` (and missing parents) for a command's output; if the command fails (any exception,
-    Ctrl-C included), remove the folders this call created that are still empty, so a failed run leaves
-    nothing new behind. Folders that existed before, or hold files, are kept."""
-    path = Path(path)
-    created = missing_dirs(path)
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        yield path
-    except BaseException:
-        remove_empty_dirs(created)
-        raise
-
-
 def missing_dirs(path: str | os.PathLike) -> list[Path]:
     """`path` and those of its parents that do not exist yet (what mkdir(parents=True) would create)."""
     out: list[Path] = []

@@ -290,16 +290,32 @@ def test_empty_frames_are_input_errors():
 
 
 # ---------------------------------------------------------------------------------------- failed runs
-def test_new_output_dir_removes_only_what_it_created(tmp_path):
-    from edgedeploy.io import new_output_dir
+def test_cleanup_removes_only_the_empty_folders_a_run_created(tmp_path):
+    from edgedeploy.io import missing_dirs, remove_empty_dirs
 
     (tmp_path / "keep").mkdir()
-    with pytest.raises(RuntimeError):
-        with new_output_dir(tmp_path / "keep" / "a" / "b"):
-            raise RuntimeError("boom")
+    created = missing_dirs(tmp_path / "keep" / "a" / "b")
+    assert created == [tmp_path / "keep" / "a" / "b", tmp_path / "keep" / "a"]
+    (tmp_path / "keep" / "a" / "b").mkdir(parents=True)
+    remove_empty_dirs(created)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"] and not any((tmp_path / "keep").iterdir())
-    with pytest.raises(RuntimeError):
-        with new_output_dir(tmp_path / "keep" / "c") as d:
-            (d / "result.txt").write_text("partial but useful")
-            raise RuntimeError("boom")
-    assert (tmp_path / "keep" / "c" / "result.txt").exists()  # a folder holding files stays
+    created = missing_dirs(tmp_path / "keep" / "c" / "d")
+    (tmp_path / "keep" / "c" / "d").mkdir(parents=True)
+    (tmp_path / "keep" / "c" / "result.txt").write_text("partial but useful")
+    remove_empty_dirs(created)
+    assert (tmp_path / "keep" / "c" / "result.txt").exists() and not (tmp_path / "keep" / "c" / "d").exists()
+
+def test_eval_on_a_detector_takes_the_detection_flags(tmp_path, monkeypatch):
+    """`deploy eval` parses --conf-thres/--iou-thres/--max-det/--out and hands them to the detection evaluator."""
+    import edgedeploy.train.detect_eval as detect_eval
+    from edgedeploy.cli import main
+    from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
+
+    art = tmp_path / "det.onnx"
+    art.write_bytes(b"stand-in: the evaluator is replaced below")
+    write_sidecar(art, ArtifactMeta("yolox_nano", "detect", input_shape=[1, 3, 64, 64]))
+    seen = {}
+    monkeypatch.setattr(detect_eval, "run_eval_cli", lambda args: seen.update(vars(args)) or 0)
+    assert main(["eval", str(art), "--conf-thres", "0.3", "--iou-thres", "0.5", "--max-det", "7",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert (seen["conf_thres"], seen["iou_thres"], seen["max_det"], seen["out"]) == (0.3, 0.5, 7, str(tmp_path / "ev"))
