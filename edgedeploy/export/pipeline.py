@@ -211,12 +211,13 @@ class _Exporter:
     def _report_so_far(self, started: float | None = None) -> ExportReport:
         """This run's steps over the previous report's: steps not reached yet keep their entries and reuse
         keys (the keys chain on upstream keys, so a changed ONNX still invalidates what was built from it).
-        `started`: also drop kept steps whose artifacts were rewritten since then (by this failed run)."""
+        `started`: also drop kept steps whose artifacts were rewritten since then (by this failed run; 2 s of
+        slack for file systems with coarse timestamps: at worst a step is redone)."""
         if self._prior is None:
             return self.report
         done = {s.name for s in self.report.steps}
         kept = [s for s in self._prior.steps if s.name not in done and not (
-            started is not None and any((self.out / a).exists() and (self.out / a).stat().st_mtime >= started
+            started is not None and any((self.out / a).exists() and (self.out / a).stat().st_mtime >= started - 2.0
                                         for a in s.artifacts))]
         merged = copy.copy(self.report)
         merged.steps = list(self.report.steps) + kept
