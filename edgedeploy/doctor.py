@@ -92,7 +92,8 @@ def check_cuda_python() -> Check:
         from cuda.bindings import runtime
         import cuda.bindings as cb
     except ImportError:
-        return Check("cuda-python", False, "not installed", "`pip install cuda-python` (the runtime's device buffers, streams and NVRTC)")
+        return Check("cuda-python", False, "not installed", "`pip install 'edgedeploy[cuda13]'` or `'edgedeploy[cuda12]'` "
+                     "(the runtime's device buffers, streams and NVRTC; the cuda-line check says which)")
     err, count = runtime.cudaGetDeviceCount()
     detail = f"cuda-bindings {getattr(cb, '__version__', '?')}, devices: {count if int(err) == 0 else 'none (' + str(err) + ')'}"
     return Check("cuda-python", True, detail)
@@ -103,8 +104,71 @@ def check_nvrtc() -> Check:
 
     err, major, minor = nvrtc.nvrtcVersion()
     if int(err) != 0:
-        return Check("nvrtc", False, str(err), "`pip install nvidia-cuda-nvrtc` (GPU preprocessing kernels are compiled at run time)")
+        return Check("nvrtc", False, str(err), "`pip install 'edgedeploy[cuda13]'` or `'edgedeploy[cuda12]'` (NVRTC "
+                     "compiles the GPU preprocessing kernel at run time; the cuda-line check says which)")
     return Check("nvrtc", True, f"{major}.{minor}")
+
+
+def cuda_line_check(driver: int | None, bindings: str | None, nvrtc: tuple[int, int] | None) -> Check:
+    """Which CUDA line (pip extra) this machine's driver needs, and whether the installed one matches it.
+    `driver` is cudaDriverGetVersion's number (12060 = CUDA 12.6), None without a driver."""
+    from edgedeploy.runtime.cuda import cuda_line_problem, extra_for_driver, format_cuda_version
+
+    if driver is None:
+        return Check("cuda-line", False, "no NVIDIA driver: the GPU runtime cannot run here",
+                     "install the NVIDIA driver (`nvidia-smi` must work); CPU inference (ONNX Runtime) still works")
+    need = extra_for_driver(driver)
+    detail = f"driver supports CUDA {format_cuda_version(driver)} -> needs `edgedeploy[{need}]`"
+    extra = {"driver_cuda": format_cuda_version(driver), "extra": need, "cuda_bindings": bindings,
+             "nvrtc": f"{nvrtc[0]}.{nvrtc[1]}" if nvrtc else None}
+    installed = []
+    if bindings:
+        installed.append(f"cuda-bindings {bindings}")
+    if nvrtc:
+        installed.append(f"NVRTC {nvrtc[0]}.{nvrtc[1]}")
+    if installed:
+        detail += f"; installed: {', '.join(installed)}"
+    problems = [p for p in (cuda_line_problem(driver, int(bindings.split('.')[0])) if bindings else None,
+                            cuda_line_problem(driver, nvrtc[0]) if nvrtc else None) if p]
+    if not bindings:
+        return Check("cuda-line", False, detail, f"`pip install 'edgedeploy[{need}]'`", extra)
+    if problems:
+        return Check("cuda-line", False, detail + " (a newer CUDA line than the driver runs)",
+                     f"`pip install 'edgedeploy[{need}]'` (replaces the installed line), or update the driver", extra)
+    return Check("cuda-line", True, detail, extra=extra)
+
+
+def check_cuda_line() -> Check:
+    from edgedeploy.runtime import cuda
+
+    try:
+        import cuda.bindings as cb
+
+        bindings = str(getattr(cb, "__version__", "")) or None
+    except ImportError:
+        bindings = None
+    driver = None
+    if bindings:
+        try:
+            driver = cuda.driver_version()
+        except cuda.CudaError:
+            driver = None
+    else:  # no cuda-python: ask the driver library directly
+        import ctypes
+
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            v = ctypes.c_int(0)
+            driver = v.value if lib.cuDriverGetVersion(ctypes.byref(v)) == 0 else None
+        except OSError:
+            driver = None
+    nvrtc = None
+    if bindings:
+        try:
+            nvrtc = cuda.nvrtc_version()
+        except cuda.CudaError:
+            nvrtc = None
+    return cuda_line_check(driver, bindings, nvrtc)
 
 
 def check_opencv() -> Check:
@@ -138,6 +202,7 @@ CHECKS: list[Callable[[], Check]] = [
     check_tensorrt_rtx,
     check_cuda_python,
     check_nvrtc,
+    check_cuda_line,
     check_opencv,
 ]
 
@@ -160,7 +225,7 @@ def capabilities(checks: list[Check]) -> dict[str, bool]:
         "build TensorRT engines": ok.get("tensorrt", False),
         "build TensorRT-RTX engines (AOT)": ok.get("tensorrt-rtx", False),
         "GPU runtime (cuda-python)": ok.get("gpu", False) and ok.get("cuda-python", False),
-        "GPU preprocessing (NVRTC)": ok.get("gpu", False) and ok.get("nvrtc", False),
+        "GPU preprocessing (NVRTC)": ok.get("gpu", False) and ok.get("nvrtc", False) and ok.get("cuda-line", False),
     }
 
 

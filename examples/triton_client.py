@@ -3,9 +3,12 @@
     tritonserver --model-repository runs/triton &
     python examples/triton_client.py --model yolox_nano_pipeline --source video.mp4
 
-The `<name>_pipeline` ensemble takes raw BGR frames (preprocessing runs in the server) and returns the model's
-outputs plus `scale_pad`, which maps boxes back to frame pixels: (xy - pad) / scale.
-Not exercised end to end in this project's CI (no Triton server there); `build_request` is unit-tested.
+A detector's `<name>_pipeline` ensemble takes raw BGR frames (preprocessing, the model, NMS and the mapping back to
+frame pixels all run in the server) and returns final detections, padded to max_det: num_dets [B,1],
+det_boxes [B,max_det,4] (x1, y1, x2, y2 in frame pixels), det_scores [B,max_det], det_classes [B,max_det].
+Other ensembles return the model's outputs plus `scale_pad`.
+Not exercised against a running server in this project's CI (none there); `build_request` and
+`final_detections` are unit-tested, and the ensemble's steps are run locally in tests/test_triton.py.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ def build_request(frames: list[np.ndarray], client_module):
     return [inp]
 
 
-def to_frame_pixels(boxes: np.ndarray, scale_pad: np.ndarray) -> np.ndarray:
-    scale, px, py = scale_pad
-    return (boxes - np.array([px, py, px, py], np.float32)) / scale
+def final_detections(out: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The detector ensemble's padded outputs -> per frame (boxes [K,4] frame pixels, scores [K], classes [K])."""
+    result = []
+    for i, n in enumerate(out["num_dets"].reshape(-1).tolist()):
+        result.append((out["det_boxes"][i, :n], out["det_scores"][i, :n], out["det_classes"][i, :n]))
+    return result
 
 
 def main() -> None:
@@ -49,10 +55,11 @@ def main() -> None:
             break
         result = client.infer(args.model, build_request([frame], grpcclient))
         out = {name: result.as_numpy(name) for name in outputs}
-        if "boxes" in out and "num_dets" in out:
-            n = int(out["num_dets"][0, 0])
-            boxes = to_frame_pixels(out["boxes"][0, :n], out["scale_pad"][0])
-            print(f"{n} detections, first: {boxes[:1].round(1).tolist()}")
+        if "num_dets" in out and "det_boxes" in out:
+            ((boxes, scores, classes),) = final_detections(out)
+            for box, score, cls in zip(boxes.round(1).tolist(), scores.tolist(), classes.tolist()):
+                print(f"class {cls} score {score:.2f} box {box}")
+            print(f"-- {len(scores)} detections")
         else:
             print({k: v.shape for k, v in out.items()})
 

@@ -23,9 +23,9 @@ def pytest_collection_modifyitems(config, items):
     has_trt = importlib.util.find_spec("tensorrt") is not None
     has_rtx = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        if item.get_closest_marker("gpu") is not None and not has_gpu:
             item.add_marker(skip_gpu)
-        if "tensorrt" in item.keywords and not has_trt:
+        if item.get_closest_marker("tensorrt") is not None and not has_trt:
             item.add_marker(skip_trt)
-        if "rtx" in item.keywords and not has_rtx:
+        if item.get_closest_marker("rtx") is not None and not has_rtx:
             item.add_marker(skip_rtx)

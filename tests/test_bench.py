@@ -120,8 +120,16 @@ def test_bench_cli_json_and_compare(tmp_path, capsys):
     assert main(["bench", "--compare", str(path), str(fp16_path), "--iterations", "10", "--warmup", "5", "--out",
                  str(out_dir), "--no-progress"]) == 0
     table = (out_dir / "table.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| tiny_classifier")]
+    rows = [line for line in table.splitlines() if line.startswith("| tiny_classifier") and "not run" not in line]
     assert len(rows) == 2 and "onnxruntime fp16" in rows[1]
+    # every GPU backend has its row: measured where installed, else why not (here: a CPU machine)
+    from edgedeploy.runtime.backends import gpu_backend_status
+
+    for backend, why in gpu_backend_status().items():
+        label = backend.replace("torch-cuda", "torch cuda")
+        line = next(line for line in table.splitlines() if f"| {label}" in line)
+        if why:  # on the GPU machine installed backends are measured (or say why they could not be built)
+            assert f"not run: {why}" in line
     assert rows[0].rstrip(" |").endswith("100.00")  # the reference agrees with itself
     assert (out_dir / "latency_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

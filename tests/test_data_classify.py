@@ -112,8 +112,9 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, caplog):
     (root / "train" / "dog" / "notes.txt").write_text("not an image")
     with caplog.at_level(logging.WARNING, logger="edgedeploy.data"):
         ds = ImageFolderDataset(root, "train", 16, MEAN, STD, augment=True)
-    assert sorted(p.name for p in ds.skipped) == ["empty.jpg", "page.jpg"]
-    assert "skipped 2 unreadable" in caplog.text
+    # every file left out is counted and named: not-an-image by signature, and other formats (a .txt, a .gif)
+    assert sorted(p.name for p in ds.skipped) == ["empty.jpg", "notes.txt", "page.jpg"]
+    assert "skipped 3 file(s)" in caplog.text and "dog/notes.txt" in caplog.text
     assert len(ds) == 7  # 6 good + the truncated one, caught at load time
     index = [p.name for p, _ in ds.samples].index("truncated.png")
     x, y = ds[index]

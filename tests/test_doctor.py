@@ -45,3 +45,15 @@ def test_human_report_lists_capabilities(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "What this machine can do" in out and "export ONNX + parity" in out
+
+
+def test_cuda_line_says_which_extra_the_driver_needs():
+    jetpack6 = doctor.cuda_line_check(12060, "13.5.0", (13, 0))  # CUDA 12.6 driver under the CUDA 13 line
+    assert not jetpack6.ok and "edgedeploy[cuda12]" in jetpack6.fix and "CUDA 12.6" in jetpack6.detail
+    assert doctor.cuda_line_check(12060, "12.9.4", (12, 9)).ok
+    r580 = doctor.cuda_line_check(13000, "13.5.0", (13, 0))
+    assert r580.ok and r580.extra["extra"] == "cuda13"
+    missing = doctor.cuda_line_check(13000, None, None)
+    assert not missing.ok and "edgedeploy[cuda13]" in missing.fix
+    no_driver = doctor.cuda_line_check(None, "13.5.0", (13, 0))
+    assert not no_driver.ok and "driver" in no_driver.fix and "ONNX Runtime" in no_driver.fix

@@ -115,7 +115,8 @@ def test_trained_export_fp16_int8_engines_and_reuse(trained, tmp_path):
 
     print("measured accuracy:", json.dumps({"fp16": fp16, "int8": int8}))  # quoted in docs/EXPORT.md
     q = steps["int8"].details
-    assert q["calibration"] == {"source": str(trained["calib"]), "images": 15, "skipped_corrupt": 1}
+    assert q["calibration"] == {"source": str(trained["calib"]), "where": f"{trained['calib']} (folder of images)",
+                                "images": 15, "available": 16, "skipped_corrupt": 1, "synthetic": False}
     assert q["nonzero_zero_points"] == 0 and q["int32_dequantize"] == 0 and q["quantize_nodes"] > 20
     assert q["residual_adds_fused"] > 0
     assert any("classifier" in k["node"] for k in q["kept_higher_precision"])

@@ -335,7 +335,7 @@ def test_gpu_frame_on_a_cpu_pipeline_says_how_to_pass_it(classifier_onnx):
         shape = (48, 64, 3)
         __cuda_array_interface__ = {"shape": (48, 64, 3), "typestr": "|u1", "data": (0, False), "version": 3}
 
-    with pytest.raises(InputError, match="needs a TensorRT engine with GPU preprocessing.*cpu\\(\\).numpy\\(\\)"):
+    with pytest.raises(InputError, match="needs a GPU backend with GPU preprocessing.*cpu\\(\\).numpy\\(\\)"):
         Classifier(classifier_onnx[0])(DeviceFrame())
 
 

@@ -43,6 +43,48 @@ def test_preprocess_kernel_compiles_to_ptx(arch):
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("sm", [75, 87, 90, 120])
+def test_preprocess_kernel_compiles_to_a_cubin_for_the_exact_architecture(sm):
+    from edgedeploy.runtime import cuda
+    from edgedeploy.runtime.gpu_preprocess import compile_preprocess_ptx
+
+    if sm not in cuda.nvrtc_supported_archs():
+        pytest.skip(f"this NVRTC {cuda.nvrtc_version()} does not target sm_{sm}")
+    image = compile_preprocess_ptx(f"sm_{sm}")
+    assert image.startswith(b"\x7fELF")  # machine code: the driver needs no PTX JIT (no PTX-version constraint)
+    assert b"preprocess_f16" in image and b"preprocess_f32" in image
+
+
+def test_missing_nvrtc_library_is_one_clear_error(monkeypatch):
+    pytest.importorskip("cuda.bindings.nvrtc")
+    from edgedeploy.runtime import cuda
+
+    driver, runtime, _ = cuda._bindings()
+
+    class NoNvrtc:
+        def nvrtcVersion(self):
+            raise RuntimeError("Failed to dlopen libnvrtc.so.13")
+
+    monkeypatch.setattr(cuda, "_bindings", lambda: (driver, runtime, NoNvrtc()))
+    with pytest.raises(cuda.CudaError, match=r"NVRTC .*could not be loaded.*edgedeploy\[cuda13\]"):
+        cuda.nvrtc_version()
+
+
+def test_no_driver_is_one_clear_error():
+    pytest.importorskip("cuda.bindings.driver")
+    from edgedeploy.runtime import cuda
+
+    try:
+        cuda.driver_version()
+    except cuda.CudaError as e:
+        assert "no NVIDIA driver" in str(e)
+        with pytest.raises(cuda.CudaError, match="no NVIDIA driver"):
+            cuda.init()
+    else:
+        pytest.skip("this machine has an NVIDIA driver")
+
+
+@needs_nvrtc
 def test_nvrtc_error_carries_the_compiler_log():
     from edgedeploy.runtime.cuda import CudaError, nvrtc_compile
 
@@ -109,6 +151,32 @@ def test_gpu_preprocess_gray_bgra_fp16_and_device_frames():
     np.testing.assert_allclose(half.astype(np.float32), ref_bgr, atol=5e-3)
     on_gpu = torch.from_numpy(bgr).cuda()  # used in place through __cuda_array_interface__, no copy
     np.testing.assert_array_equal(_gpu_preprocess(on_gpu, (256, 256), True)[0], ref_bgr)
+
+
+@pytest.mark.gpu
+def test_torch_frame_still_being_written_on_torchs_stream_is_waited_for():
+    """The frame's upload is queued behind a long spin on torch's current stream; the kernel runs on our own
+    non-blocking stream and must be ordered after it (torch exports no "stream" in its array interface)."""
+    torch = pytest.importorskip("torch")
+    from edgedeploy.runtime import cuda
+    from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
+
+    host = torch.from_numpy(frame_with_square(480, 640, (100, 80, 400, 300))).pin_memory()
+    pre = GpuPreprocessor((320, 320), (0.0,) * 3, (1.0,) * 3, letterbox=True)
+    buf = cuda.DeviceBuffer(3 * 320 * 320 * 4)
+    frame = torch.zeros(host.shape, dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # keeps torch's stream busy for tens of ms
+    frame.copy_(host, non_blocking=True)
+    pre(frame, buf.ptr)
+    del frame  # record_stream keeps the allocator from handing the memory out before the kernel read it
+    out = np.empty((1, 3, 320, 320), np.float32)
+    buf.copy_to_host(out, pre.stream)
+    pre.stream.synchronize()
+    ref, _, _ = to_input_tensor(host.numpy(), (320, 320), (0.0,) * 3, (1.0,) * 3, letterboxed=True)
+    assert np.abs(out - ref).max() <= 1 / 255 + 1e-6
+    buf.free()
+    pre.close()
 
 
 @pytest.mark.gpu

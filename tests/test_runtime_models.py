@@ -44,8 +44,8 @@ def _bright_box(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     h, w = x.shape[2], x.shape[3]
     mask = (x[:, 0] > BRIGHT).float()
     cols, rows = mask.amax(dim=1), mask.amax(dim=2)  # [B,W], [B,H]
-    ar_w = torch.arange(w, dtype=torch.float32)
-    ar_h = torch.arange(h, dtype=torch.float32)
+    ar_w = torch.arange(w, dtype=torch.float32, device=x.device)
+    ar_h = torch.arange(h, dtype=torch.float32, device=x.device)
     x1 = (ar_w + (1 - cols) * 1e4).amin(1)
     x2 = (ar_w * cols).amax(1) + 1
     y1 = (ar_h + (1 - rows) * 1e4).amin(1)
@@ -64,12 +64,12 @@ class OracleDetector(nn.Module):
 
     def forward(self, x: torch.Tensor):
         box, found = _bright_box(x)
-        dup = box + torch.tensor([2.0, 2.0, 2.0, 2.0])
-        far = torch.zeros_like(box) + torch.tensor([0.0, 0.0, 4.0, 4.0])
+        dup = box + torch.tensor([2.0, 2.0, 2.0, 2.0], device=x.device)
+        far = torch.zeros_like(box) + torch.tensor([0.0, 0.0, 4.0, 4.0], device=x.device)
         boxes = torch.stack([box, dup, far], dim=1)
-        onehot = torch.zeros(1, 1, self.num_classes)
+        onehot = torch.zeros(1, 1, self.num_classes, device=x.device)
         onehot[..., 1] = 1.0
-        level = torch.tensor([0.9, 0.6, 0.1]).view(1, 3, 1)
+        level = torch.tensor([0.9, 0.6, 0.1], device=x.device).view(1, 3, 1)
         scores = onehot * level * found.view(-1, 1, 1)
         return boxes, scores
 

@@ -24,7 +24,9 @@ def test_runtime_targets_benchmark_writes_measured_figures(tmp_path):
         assert row["bare"] > 0 and row["runtime"] > 0 and "overhead" in row
     for run in s["camera"]["runs"]:
         assert run["frames"] == 4 and run["bare_fps"] > 0 and run["camera_fps"] > 0
+    assert set(s["overhead"]["gpu_backends"]) == {"tensorrt", "torch-cuda", "onnxruntime-cuda"}
     if device == "cpu":
         assert s["preprocess"]["status"] == "skipped" and s["overhead"]["status"] == "partial"
+        assert all(v.startswith(("not installed", "no GPU")) for v in s["overhead"]["gpu_backends"].values())
     else:
         assert s["preprocess"]["max_abs_diff_x255"] <= 1.0 and s["nms"]["same_kept_boxes"]

@@ -19,7 +19,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="checkpoint for --model")
     parser.add_argument("--imgsz", type=opt.IMGSZ.arg, help="input size for --model (default: the model's)")
     parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, help="classes in --weights, when not the model's default")
-    parser.add_argument("--backend", choices=["tensorrt", "onnxruntime", "torch"], help="override the backend")
+    parser.add_argument("--backend", choices=["tensorrt", "onnxruntime", "onnxruntime-cuda", "torch"],
+                        help="override the backend")
     parser.add_argument("--device", help="cpu | cuda (ONNX Runtime / PyTorch)")
     parser.add_argument("--batch", type=opt.BATCH.arg, default=1, help="batch size (default 1)")
     parser.add_argument("--warmup", type=opt.WARMUP_MS.arg, default=200.0, help="warm-up in ms (default 200, as trtexec)")
@@ -32,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     graph.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
     parser.add_argument("--json", help="also write the report(s) as JSON to this file")
     parser.add_argument("--compare", action="store_true", help="benchmark every artifact (and --model with PyTorch) "
-                        "into a markdown table and a latency-vs-accuracy PNG")
+                        "into a markdown table and a latency-vs-accuracy PNG, plus every installed GPU backend "
+                        "(TensorRT, PyTorch CUDA, ONNX Runtime CUDA) side by side; absent ones are listed as such")
     parser.add_argument("--accuracy", help="--compare: JSON of measured accuracy {label or path: value}")
     parser.add_argument("--out", default="bench_compare", help="--compare: output folder (table.md, latency_accuracy.png)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,20 +61,82 @@ def _entry_for_artifact(path: str, args: argparse.Namespace):
     )
 
 
-def _entry_for_model(args: argparse.Namespace):
+def _entry_for_model(args: argparse.Namespace, device: str | None = None, name: str | None = None):
     from edgedeploy.benchmarks.compare import CompareEntry
     from edgedeploy.models.registry import create_model, get_model_info
     from edgedeploy.runtime.backends.torch import TorchEngine
 
-    info = get_model_info(args.model)
+    info = get_model_info(name or args.model)
     size = args.imgsz or info.imgsz
+    device = device or args.device
+    weights = args.weights if name in (None, args.model) else None
 
     def open_engine():
-        net = create_model(args.model, num_classes=args.num_classes, weights=args.weights)
-        return TorchEngine(net, input_shape=(-1, 3, size, size), device=args.device)
+        net = create_model(info.name, num_classes=args.num_classes, weights=weights)
+        return TorchEngine(net, input_shape=(-1, 3, size, size), device=device, cuda_graph=args.cuda_graph)
 
-    return CompareEntry(label="torch fp32 (eager)", open=open_engine, model=info.name, imgsz=size, task=info.task,
-                        num_classes=args.num_classes, comparable=bool(args.weights))
+    label = "torch fp32 (eager)" if device is None else f"torch {device} fp32"
+    return CompareEntry(label=label, open=open_engine, model=info.name, imgsz=size, task=info.task,
+                        num_classes=args.num_classes, comparable=bool(weights))
+
+
+def _unavailable(label: str, why: str, model: str = "", imgsz: int | None = None):
+    from edgedeploy.benchmarks.compare import CompareEntry
+    from edgedeploy.errors import EdgeDeployError
+
+    def refuse():
+        raise EdgeDeployError(why)
+
+    return CompareEntry(label=label, open=refuse, model=model, imgsz=imgsz, comparable=False)
+
+
+def gpu_entries(args: argparse.Namespace, entries: list) -> list:
+    """--compare: one row per GPU backend beside the user's entries, measured where installed, else listed as
+    "not installed"/"no GPU" (never a traceback)."""
+    from pathlib import Path
+
+    from edgedeploy.benchmarks.compare import CompareEntry
+    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.runtime.backends import gpu_backend_status
+    from edgedeploy.runtime.engine import device_index
+
+    status = gpu_backend_status()
+    onnx = [p for p in args.artifacts if p.endswith(".onnx")]
+    plans = [p for p in args.artifacts if p.endswith((".engine", ".plan"))]
+    metas = [read_sidecar(p, required=False) for p in args.artifacts]
+    model = args.model or next((m.model for m in metas if m and m.model), "")
+    gpu = args.device if args.device and args.device.startswith("cuda") else "cuda"
+    out = []
+    if not plans:
+        out.append(_unavailable("tensorrt", status["tensorrt"] or "no .engine given (`deploy export --builder "
+                                "tensorrt` on the GPU machine)", model, args.imgsz))
+    for p in onnx:
+        label = f"onnxruntime-cuda ({Path(p).name})"
+        meta = read_sidecar(p, required=False)
+        if status["onnxruntime-cuda"]:
+            out.append(_unavailable(label, status["onnxruntime-cuda"], model, args.imgsz))
+            continue
+
+        def open_ort(p=p):
+            from edgedeploy.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaEngine
+
+            return OnnxRuntimeCudaEngine(p, device_index=device_index(gpu))
+
+        out.append(CompareEntry(label=f"onnxruntime-cuda {meta.precision if meta else 'fp32'} ({Path(p).name})",
+                                open=open_ort, model=model, imgsz=int(meta.input_shape[-1]) if meta else None,
+                                task=meta.task if meta else "", path=p))
+    if any(e.label.startswith("torch cuda") or (e.label == "torch fp32 (eager)" and not status["torch-cuda"]
+                                                and (args.device or "cuda").startswith("cuda")) for e in entries):
+        return out
+    if status["torch-cuda"]:
+        out.append(_unavailable("torch cuda", status["torch-cuda"], model, args.imgsz))
+        return out
+    try:
+        out.append(_entry_for_model(args, device=gpu, name=model or None))
+    except Exception as e:  # noqa: BLE001 - a model outside the registry: listed, not fatal
+        out.append(_unavailable("torch cuda", f"no registry model to build ({str(e).splitlines()[0]}); pass --model",
+                                model, args.imgsz))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
                          iterations=args.iterations, percentiles=percentiles)
     entries = ([_entry_for_model(args)] if args.model and (args.compare or not args.artifacts) else [])
     entries += [_entry_for_artifact(p, args) for p in args.artifacts]
+    if args.compare:
+        entries += gpu_entries(args, entries)
 
     if args.compare:
         from edgedeploy.benchmarks.compare import load_accuracy, markdown_table, plot_latency_accuracy, run_compare

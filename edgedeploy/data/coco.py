@@ -106,7 +106,8 @@ def load_coco_dataset(ann_file: str | os.PathLike, images_dir: str | os.PathLike
         raise DatasetError(f"none of the {len(images)} images in {ann_file} exist in {images_dir}")
     _log_issues(issues, split or ann_file.stem)
     names = [str(c.get("name", c["id"])) for c in categories]
-    return DetectionDataset(records, names, ann_file.parent.parent, split or ann_file.stem, issues, skipped, "coco")
+    return DetectionDataset(records, names, ann_file.parent.parent, split or ann_file.stem, issues, skipped, "coco",
+                            layout=f"COCO json {ann_file.name}")
 
 
 def coco_gt_dict(dataset: DetectionDataset) -> dict:

@@ -134,8 +134,10 @@ class DetectionTrainSet(Dataset):
         hsv: bool = True,
         flip: float = 0.5,
         seed: int = 0,
+        convention=None,  # InputConvention of the weights (e.g. BGR 0-255 for official YOLOX); None: RGB / 255
     ):
         self.dataset = dataset
+        self.convention = convention
         self.imgsz = int(imgsz)
         self.augment = augment
         self.mosaic = mosaic if augment else 0.0
@@ -174,7 +176,13 @@ class DetectionTrainSet(Dataset):
             [(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2, boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], 1
         ).reshape(-1, 4) / s
         labels = np.concatenate([cls.reshape(-1, 1).astype(np.float32), cxcywh.astype(np.float32)], 1)
-        x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))).float().div_(255.0)
+        c = self.convention
+        if c is None:
+            x = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))).float().div_(255.0)
+        else:  # channel order, scale and mean/std of the weights' convention (the geometry is the augmentation's)
+            chw = (img[:, :, ::-1] if c.channel_order == "rgb" else img).transpose(2, 0, 1)
+            x = torch.from_numpy(np.ascontiguousarray(chw)).float().mul_(c.scale)
+            x = (x - torch.tensor(c.mean).view(3, 1, 1)) / torch.tensor(c.std).view(3, 1, 1)
         return x, torch.from_numpy(labels)
 
 
@@ -188,8 +196,10 @@ def collate_detection(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[t
 class LetterboxEvalSet(Dataset):
     """Evaluation inputs exactly as deployment sees them: (x [3, S, S] normalised, index, scale, pad_x, pad_y)."""
 
-    def __init__(self, dataset: DetectionDataset, imgsz: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+    def __init__(self, dataset: DetectionDataset, imgsz: int, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                 convention=None):
         self.dataset, self.imgsz, self.mean, self.std = dataset, int(imgsz), mean, std
+        self.convention = convention  # InputConvention; overrides mean/std (RGB, /255, centred letterbox)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -197,5 +207,6 @@ class LetterboxEvalSet(Dataset):
     def __getitem__(self, index: int):
         from edgedeploy.data.preprocess import to_input_tensor
 
-        x, scale, (px, py) = to_input_tensor(self.dataset.load_image(index), self.imgsz, self.mean, self.std, letterboxed=True)
+        x, scale, (px, py) = to_input_tensor(self.dataset.load_image(index), self.imgsz, self.mean, self.std, letterboxed=True,
+                                             convention=self.convention)
         return torch.from_numpy(x[0]), index, scale, px, py

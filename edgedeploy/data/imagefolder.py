@@ -87,6 +87,14 @@ def find_split_dir(root: str | os.PathLike, split: str) -> Path:
     raise DatasetError(f"{root}: no {'/'.join(candidates)} folder; {LAYOUT_HELP}")
 
 
+def skipped_message(where: Path, skipped: Sequence[Path], shown: int = 5) -> str:
+    """One line naming the files left out (format not supported, or not an image by its signature)."""
+    names = ", ".join(str(p.relative_to(where)) if p.is_relative_to(where) else str(p) for p in skipped[:shown])
+    more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return (f"{where}: skipped {len(skipped)} file(s) that are not readable images ({names}{more}); supported: "
+            f"{', '.join(IMAGE_EXTENSIONS)}. Convert or remove them to use them.")
+
+
 @dataclass
 class ScanResult:
     samples: list[tuple[Path, int]]
@@ -109,7 +117,10 @@ def scan_split(split_dir: Path, classes: Sequence[str]) -> ScanResult:
         if not folder.is_dir():
             continue
         for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append(path)  # .gif, .heic, ...: not decoded here, so counted and named, not dropped silently
                 continue
             (samples.append((path, label)) if _looks_like_image(path) else skipped.append(path))
     return ScanResult(samples, skipped)
@@ -122,7 +133,9 @@ def train_transform(imgsz: int, mean: Sequence[float], std: Sequence[float], lev
     """Augmentation on uint8 CHW RGB tensors.
 
     "standard" (user data): RandomResizedCrop scale (0.5, 1) (moderate: small images lose their object under
-    ImageNet's (0.08, 1)), flip, colour jitter. "light" (synthetic data, already randomised in colour, size
+    ImageNet's (0.08, 1)), flip, colour jitter. Resizing is plain bilinear without antialiasing, exactly what the
+    deployment preprocessing does (cv2 INTER_LINEAR in `to_input_tensor`): a network trained on antialiased
+    downscales and served aliased ones loses accuracy (issue 13 reported 2 points of top-1). "light" (synthetic data, already randomised in colour, size
     and pose): crop scale (0.75, 1) near-square, flip; measured to double the convergence speed of short runs.
     """
     from torchvision.transforms import v2
@@ -130,10 +143,10 @@ def train_transform(imgsz: int, mean: Sequence[float], std: Sequence[float], lev
     if level not in AUGMENT_LEVELS:
         raise ValueError(f"augmentation level {level!r}: use one of {AUGMENT_LEVELS}")
     if level == "light":
-        geometry = [v2.RandomResizedCrop(imgsz, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=True)]
+        geometry = [v2.RandomResizedCrop(imgsz, scale=(0.75, 1.0), ratio=(0.9, 1.1), antialias=False)]
         colour = []
     else:
-        geometry = [v2.RandomResizedCrop(imgsz, scale=(0.5, 1.0), antialias=True)]
+        geometry = [v2.RandomResizedCrop(imgsz, scale=(0.5, 1.0), antialias=False)]
         colour = [v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3)]
     return v2.Compose(
         [
@@ -170,9 +183,7 @@ class ImageFolderDataset(Dataset):
         self.skipped = scan.skipped
         self.load_failures = 0  # decode failures at load time (per process: each loader worker counts its own)
         if self.skipped:
-            log.warning(
-                "%s: skipped %d unreadable image file(s), e.g. %s", self.split_dir, len(self.skipped), self.skipped[0]
-            )
+            log.warning("%s", skipped_message(self.split_dir, self.skipped))
         if not self.samples:
             raise DatasetError(f"{self.split_dir}: no readable images in any class folder; {LAYOUT_HELP}")
         level = augment if isinstance(augment, str) else "standard"

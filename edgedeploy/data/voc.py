@@ -83,6 +83,21 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def mask_palette(path: str | os.PathLike, num_classes: int) -> list[list[int]] | None:
+    """The RGB colour of each class id in a palette ("P") mask, as VOC ships them; None for grey masks."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            flat = im.getpalette() if im.mode == "P" else None
+    except OSError:
+        return None
+    if not flat:
+        return None
+    flat = list(flat) + [0] * max(0, 3 * num_classes - len(flat))
+    return [flat[3 * i:3 * i + 3] for i in range(num_classes)]
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) from the header only."""
     from PIL import Image
@@ -114,6 +129,29 @@ def _image_by_stem(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
 
 
+SPLIT_ALIASES = {"val": ("val", "valid", "validation"), "train": ("train",), "test": ("test",)}
+
+
+def _camvid_split(root: Path, split: str) -> tuple[Path, Path] | None:
+    """CamVid's layout: DIR/<split>/ images beside DIR/<split>annot/ index masks (val: `val`, `valid`...)."""
+    for name in SPLIT_ALIASES.get(split, (split,)):
+        if (root / name).is_dir() and (root / f"{name}annot").is_dir():
+            return root / name, root / f"{name}annot"
+    return None
+
+
+def segmentation_layout(root: str | os.PathLike) -> str:
+    """The layout `find_pairs` reads in `root`, in words (printed so the user sees what was detected)."""
+    root = Path(root)
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "images/<split> + masks/<split>"
+    if any(_camvid_split(root, s) for s in ("train", "val", "test")):
+        return "CamVid (<split>/ + <split>annot/)"
+    if _find_voc_root(root) is not None:
+        return "Pascal VOC (JPEGImages + SegmentationClass + ImageSets)"
+    return "unknown"
+
+
 def find_pairs(root: str | os.PathLike, split: str) -> tuple[list[tuple[Path, Path]], Path]:
     """(image, mask) paths for `split`, and the folder class-name files are looked up in."""
     root = Path(root)
@@ -128,6 +166,18 @@ def find_pairs(root: str | os.PathLike, split: str) -> tuple[list[tuple[Path, Pa
             )
         images = _image_by_stem(img_dir)
         masks = {p.stem: p for p in mask_dir.glob("*.png")}
+        missing = [s for s in images if s not in masks]
+        if missing:
+            raise DatasetError(
+                f"{len(missing)} image(s) in {img_dir} have no mask in {mask_dir}, e.g. {images[missing[0]].name} "
+                f"(expected {mask_dir / (missing[0] + '.png')})"
+            )
+        pairs = [(images[s], masks[s]) for s in sorted(images)]
+        meta_dir = root
+    elif (camvid := _camvid_split(root, split)) is not None:
+        img_dir, mask_dir = camvid
+        images = _image_by_stem(img_dir)
+        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
         missing = [s for s in images if s not in masks]
         if missing:
             raise DatasetError(
@@ -158,8 +208,9 @@ def find_pairs(root: str | os.PathLike, split: str) -> tuple[list[tuple[Path, Pa
         meta_dir = root if any((root / f).is_file() for f in CLASS_FILES) else voc
     else:
         raise DatasetError(
-            f"{root} is not a segmentation dataset: expected images/{{train,val}} + masks/{{train,val}} "
-            "(PNG masks of class ids named like the images) or a Pascal VOC tree (JPEGImages, SegmentationClass, "
+            f"{root} is not a segmentation dataset (for split {split!r}): expected images/{{train,val}} + "
+            "masks/{{train,val}} (PNG masks of class ids named like the images), CamVid's train/ + trainannot/, "
+            "val/ + valannot/, or a Pascal VOC tree (JPEGImages, SegmentationClass, "
             "ImageSets/Segmentation). `--data synthetic` builds an example."
         )
     if not pairs:
@@ -284,6 +335,9 @@ class SegmentationDataset(Dataset):
         self.mean, self.std = tuple(mean), tuple(std)
         self.seed = seed
         self.epoch = 0  # set by the trainer: augmentation differs per epoch but is reproducible
+        self.root: Path | None = None  # set by open_segmentation_data: the dataset folder, its layout in words,
+        self.layout = ""  # and the class list the folder itself carries (None: it has none)
+        self.own_class_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -361,7 +415,20 @@ def open_segmentation_data(
         source = make_synthetic_segmentation(**(synthetic_kwargs or {}))
     pairs, meta_dir = find_pairs(source, split)
     names = resolve_class_names(meta_dir, num_classes, class_names)
-    return SegmentationDataset(pairs, names, imgsz, train=train, ignore_index=ignore_index, seed=seed, **kwargs)
+    ds = SegmentationDataset(pairs, names, imgsz, train=train, ignore_index=ignore_index, seed=seed, **kwargs)
+    ds.root = Path(source).resolve()
+    ds.layout = segmentation_layout(source)
+    ds.own_class_names = dataset_class_names(meta_dir)
+    return ds
+
+
+def dataset_class_names(meta_dir: str | os.PathLike) -> list[str] | None:
+    """The class list the dataset itself carries (classes.txt ..., VOC's names), None when it has none."""
+    meta_dir = Path(meta_dir)
+    for f in CLASS_FILES:
+        if (meta_dir / f).is_file():
+            return read_class_names(meta_dir / f)
+    return list(VOC_CLASSES) if _find_voc_root(meta_dir) is not None else None
 
 
 def dataset_summary(ds: SegmentationDataset) -> str:

@@ -62,6 +62,7 @@ class DetectionDataset:
     issues: list[DatasetIssue] = field(default_factory=list)
     skipped_images: int = 0  # unreadable / zero-size images left out
     format: str = "yolo"
+    layout: str = ""  # how the layout was detected, for the screen: "Ultralytics data YAML data.yaml", ...
 
     def __len__(self) -> int:
         return len(self.records)
@@ -103,30 +104,125 @@ class DetectionDataset:
         return text
 
 
+DATA_YAML_NAMES = ("data.yaml", "dataset.yaml", "data.yml")
+
+
+def _names_from(value, path: Path) -> list[str]:
+    """Class names from a YAML `names:` value: a list, or an {id: name} mapping with ids 0..N-1."""
+    if isinstance(value, dict):
+        try:
+            ids = sorted(int(k) for k in value)
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: `names` keys must be class ids (0, 1, ...)") from e
+        if ids != list(range(len(ids))):
+            raise DatasetError(f"{path}: class ids in `names` must be 0..{len(ids) - 1} without gaps, got {ids}")
+        return [str(value[k] if k in value else value[str(k)]) for k in ids]
+    if isinstance(value, list) and value:
+        return [str(n) for n in value]
+    raise DatasetError(f"{path}: needs a `names:` list (or {{id: name}} mapping) of class names")
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text())  # safe_load: a data file never runs code
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DatasetError(f"{path}: not readable YAML: {e}") from e
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def find_data_yaml(root: str | os.PathLike) -> Path | None:
+    """An Ultralytics data YAML: the file itself, DIR/data.yaml (dataset.yaml, data.yml), or the one YAML in DIR
+    with `names` and a `train` or `val` key (e.g. coco8.yaml)."""
+    root = Path(root)
+    if root.is_file():
+        return root if root.suffix.lower() in (".yaml", ".yml") else None
+    if not root.is_dir():
+        return None
+    def is_spec(p: Path) -> bool:  # a data.yaml with `names` only just lists the classes of a YOLO folder
+        cfg = _load_yaml(p)
+        return "names" in cfg and ("train" in cfg or "val" in cfg)
+
+    for name in DATA_YAML_NAMES:
+        if (root / name).is_file():
+            return root / name if is_spec(root / name) else None
+    found = [p for p in sorted(root.glob("*.y*ml")) if p.suffix.lower() in (".yaml", ".yml") and is_spec(p)]
+    return found[0] if len(found) == 1 else None
+
+
+@dataclass
+class DataYaml:
+    """An Ultralytics data YAML resolved: dataset root, the images folder of each split, class names."""
+
+    file: Path
+    root: Path
+    splits: dict[str, Path]
+    names: list[str]
+
+    def images_dir(self, split: str) -> Path:
+        for name in SPLIT_ALIASES.get(split, (split,)):
+            if name in self.splits:
+                return self.splits[name]
+        raise DatasetError(
+            f"{self.file} has no `{split}:` entry (it lists {', '.join(sorted(self.splits)) or 'no splits'}): add "
+            f"`{split}: images/<folder>` pointing at that split's images"
+        )
+
+
+def labels_dir_for(images_dir: Path) -> Path:
+    """Ultralytics' rule: the labels of `.../images/<split>` are in `.../labels/<split>` (last `images` swapped)."""
+    parts = list(images_dir.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            return Path(*parts)
+    return images_dir.parent / "labels" if images_dir.name == "images" else images_dir / "labels"
+
+
+def read_data_yaml(path: str | os.PathLike) -> DataYaml:
+    """Parse an Ultralytics data YAML (`path`, `train`, `val`, `test`, `names`); every split folder it names must
+    exist. `path` is relative to the YAML's folder (absent: the YAML's folder); split entries relative to `path`."""
+    path = Path(path).resolve()
+    cfg = _load_yaml(path)
+    if "names" not in cfg:
+        raise DatasetError(f"{path}: not an Ultralytics data YAML (no `names:`); expected keys path, train, val, names")
+    names = _names_from(cfg["names"], path)
+    base = cfg.get("path")
+    root = path.parent if not base else (Path(str(base)) if Path(str(base)).is_absolute() else path.parent / str(base))
+    root = root.resolve()
+    splits: dict[str, Path] = {}
+    for key in ("train", "val", "test"):
+        value = cfg.get(key)
+        if value in (None, ""):
+            continue
+        if isinstance(value, list):
+            value = value[0] if len(value) == 1 else None
+        if not isinstance(value, str):
+            raise DatasetError(f"{path}: `{key}:` must be one folder of images (lists of folders are not supported)")
+        folder = Path(value) if Path(value).is_absolute() else root / value
+        if folder.suffix == ".txt":
+            raise DatasetError(f"{path}: `{key}: {value}` is an image list file; point `{key}:` at the images folder")
+        if not folder.is_dir():
+            raise DatasetError(
+                f"{path}: `{key}: {value}` -> {folder} does not exist. Fix `path:` (now {base or '(unset)'}, "
+                f"relative to {path.parent}) or `{key}:` so it names the folder of {key} images"
+            )
+        splits[key] = folder
+    if not splits:
+        raise DatasetError(f"{path}: no `train:`/`val:` folder given")
+    return DataYaml(path, root, splits, names)
+
+
 def read_class_names(root: str | os.PathLike) -> list[str] | None:
     """Names from DIR/data.yaml (`names` list or {id: name}) or DIR/classes.txt; None when neither exists."""
     root = Path(root)
-    for yaml_name in ("data.yaml", "dataset.yaml", "data.yml"):
+    for yaml_name in DATA_YAML_NAMES:
         path = root / yaml_name
         if path.is_file():
-            import yaml
-
-            try:
-                cfg = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise DatasetError(f"{path}: not valid YAML: {e}") from e
-            names = cfg.get("names") if isinstance(cfg, dict) else None
-            if isinstance(names, dict):
-                try:
-                    ids = sorted(int(k) for k in names)
-                except ValueError as e:
-                    raise DatasetError(f"{path}: `names` keys must be class ids (0, 1, ...)") from e
-                if ids != list(range(len(ids))):
-                    raise DatasetError(f"{path}: class ids in `names` must be 0..{len(ids) - 1} without gaps, got {ids}")
-                return [str(names[k] if k in names else names[str(k)]) for k in ids]
-            if isinstance(names, list) and names:
-                return [str(n) for n in names]
-            raise DatasetError(f"{path}: needs a `names:` list (or {{id: name}} mapping) of class names")
+            cfg = _load_yaml(path)
+            if "names" in cfg:
+                return _names_from(cfg["names"], path)
     path = root / "classes.txt"
     if path.is_file():
         names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
@@ -137,12 +233,26 @@ def read_class_names(root: str | os.PathLike) -> list[str] | None:
 
 
 def find_yolo_split(root: str | os.PathLike, split: str) -> tuple[Path, Path] | None:
-    """(images_dir, labels_dir) of `split` under `root`, or None when the YOLO layout is not there."""
+    """(images_dir, labels_dir) of `split` under `root`, or None when the YOLO layout is not there. A data YAML
+    in `root` decides; else `images/<split>` (or a folder named like it, e.g. `images/train2017`) beside
+    `labels/<same>`, or the Roboflow `<split>/images`."""
     root = Path(root)
+    spec = find_data_yaml(root)
+    if spec is not None:
+        data = read_data_yaml(spec)
+        if any(name in data.splits for name in SPLIT_ALIASES.get(split, (split,))) or not (root / "images" / split).is_dir():
+            images = data.images_dir(split)
+            return images, labels_dir_for(images)
     for name in SPLIT_ALIASES.get(split, (split,)):
         for images, labels in ((root / "images" / name, root / "labels" / name), (root / name / "images", root / name / "labels")):
             if images.is_dir():
                 return images, labels
+    if (root / "images").is_dir():  # `train2017`, `val2017`: the split name followed by a year or tag
+        for name in SPLIT_ALIASES.get(split, (split,)):
+            cands = sorted(d for d in (root / "images").iterdir() if d.is_dir() and d.name.startswith(name)
+                           and (root / "labels" / d.name).is_dir())
+            if cands:
+                return cands[0], root / "labels" / cands[0].name
     return None
 
 
@@ -209,7 +319,7 @@ def load_yolo_dataset(root: str | os.PathLike, split: str = "train", names: list
     from tqdm import tqdm
 
     root = Path(root)
-    if not root.is_dir():
+    if not root.is_dir() and find_data_yaml(root) is None:
         raise DatasetError(f"dataset folder not found: {root}")
     found = find_yolo_split(root, split)
     if found is None:
@@ -218,14 +328,24 @@ def load_yolo_dataset(root: str | os.PathLike, split: str = "train", names: list
             f"(or {root}/{split}/images + {root}/{split}/labels)"
         )
     images_dir, labels_dir = found
-    names = names or read_class_names(root)
-    image_paths = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    spec = find_data_yaml(root)
+    names = names or (read_data_yaml(spec).names if spec is not None else read_class_names(root))
+    all_files = sorted(p for p in images_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    image_paths = [p for p in all_files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    other_formats = [p for p in all_files if p.suffix.lower() not in IMAGE_EXTENSIONS]
     if not image_paths:
         raise DatasetError(f"{images_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if not labels_dir.is_dir() or not any(labels_dir.rglob("*.txt")):
+        raise DatasetError(
+            f"{images_dir} holds {len(image_paths)} images but there are no label files in {labels_dir}: a "
+            f"detection split needs one `cls cx cy w h` .txt per image in {labels_dir} (same name as the image); "
+            "images without objects may have an empty .txt"
+        )
 
     records: list[DetectionRecord] = []
-    issues: list[DatasetIssue] = []
-    skipped = 0
+    issues: list[DatasetIssue] = [DatasetIssue(p, None, f"{p.suffix or 'no suffix'}: not an image format read here "
+                                               f"({', '.join(IMAGE_EXTENSIONS)}), skipped") for p in other_formats]
+    skipped = len(other_formats)
     used_labels: set[Path] = set()
     max_cls = -1
     for path in tqdm(image_paths, desc=f"index {split}", unit="img", leave=False, disable=len(image_paths) < 500):
@@ -255,7 +375,11 @@ def load_yolo_dataset(root: str | os.PathLike, split: str = "train", names: list
         names = [f"class{i}" for i in range(max_cls + 1)] or ["class0"]
         log.warning("%s has no data.yaml or classes.txt: using %d generic class names", root, len(names))
     _log_issues(issues, split)
-    return DetectionDataset(records, list(names), root, split, issues, skipped, "yolo")
+    layout = f"Ultralytics data YAML {spec.name}" if spec is not None else "YOLO txt"
+    ds = DetectionDataset(records, list(names), root if spec is None else read_data_yaml(spec).root, split, issues,
+                          skipped, "yolo")
+    ds.layout = layout
+    return ds
 
 
 def _log_issues(issues: list[DatasetIssue], split: str, shown: int = 10) -> None:
@@ -279,6 +403,8 @@ def open_detection_dataset(path: str | os.PathLike, split: str = "train") -> Det
     coco = find_coco_split(path, split)  # checked first: COCO's images/<split> looks like half a YOLO layout
     if coco is not None:
         return load_coco_dataset(*coco, split=split)
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return load_yolo_dataset(path, split)
     if find_yolo_split(path, split) is not None:
         return load_yolo_dataset(path, split)
     raise DatasetError(

@@ -204,9 +204,16 @@ def _build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_tim
     cache_state = "n/a (TensorRT-RTX: timing cache operations are no-ops)"
     if use_timing_cache and req.timing_cache is not None:
         data = req.timing_cache.read_bytes() if req.timing_cache.exists() else b""
-        cache = config.create_timing_cache(data)
-        config.set_timing_cache(cache, False)  # False: a cache from another device/version is rejected, not used
         cache_state = "reused" if data else "created"
+        cache = config.create_timing_cache(data)
+        # ignore_mismatch=False: a cache from another GPU/TensorRT version is rejected (returns False), not used
+        if cache is None or config.set_timing_cache(cache, False) is False:
+            if not data:
+                raise EngineBuildError(f"{builder_name} refused a new, empty timing cache")
+            cache_state = f"rejected ({req.timing_cache.name} is from another GPU or TensorRT version): recreated"
+            cache = config.create_timing_cache(b"")
+            if cache is None or config.set_timing_cache(cache, False) is False:
+                raise EngineBuildError(f"{builder_name} refused a new, empty timing cache")
 
     monitor = interrupt.monitor(trt)
     if monitor is not None:

@@ -30,7 +30,15 @@ class ArtifactMeta:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # applied to RGB in [0, 1]
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     letterbox: bool = False  # detection input is letterboxed (pad 114), classifiers are resized
+    # The full input convention (`edgedeploy.data.preprocess.InputConvention.to_dict()`): channel order, scale,
+    # mean/std in scaled units, resize rule, interpolation, crop, letterbox alignment and pad. Authoritative when
+    # present; sidecars written before it existed are read through mean/std/letterbox above (RGB, /255).
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # where the weights came from when not ours, e.g. "megvii-yolox"
     class_names: list[str] = field(default_factory=list)
+    # The training data as the checkpoint recorded it ({"path": absolute, "as_typed", "layout", "synthetic", ...}):
+    # `deploy eval ARTIFACT` uses it when no --data is given.
+    data: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"  # "fp32" | "fp16" | "int8"
     batch: dict[str, int] = field(default_factory=lambda: {"min": 1, "opt": 1, "max": 1})
     # Task-specific output description, e.g. {"nms": "onnx", "max_det": 100, "boxes": "xyxy"} for detectors,
@@ -48,6 +56,21 @@ class ArtifactMeta:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def convention(self):
+        """The `InputConvention` to feed this artifact (from `preprocess`, else the legacy fields)."""
+        from edgedeploy.data.preprocess import InputConvention
+
+        if self.preprocess:
+            return InputConvention.from_dict(self.preprocess)
+        return InputConvention(mean=tuple(self.mean), std=tuple(self.std),
+                               resize="letterbox" if self.letterbox else "resize")
+
+    def set_convention(self, conv) -> None:
+        """Record `conv` in `preprocess` and keep the legacy fields as close as they can say it."""
+        self.preprocess = conv.to_dict()
+        self.mean, self.std = conv.unit_mean_std()
+        self.letterbox = conv.letterbox
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ArtifactMeta":

@@ -6,8 +6,14 @@ Layout written (all files atomically; the artifact is copied, not linked, so the
     REPO/<name>/1/model.plan|model.onnx
     REPO/<name>_preprocess/config.pbtxt  python backend: raw BGR frame -> letterboxed/normalised NCHW tensor
     REPO/<name>_preprocess/1/model.py
-    REPO/<name>_pipeline/config.pbtxt    ensemble: preprocess -> model (clients send frames, get model outputs
-                                         plus the letterbox `scale_pad` to map boxes back to frame pixels)
+    REPO/<name>_postprocess/...          detectors: python backend: NMS (unless the engine ran it: --nms trt/onnx)
+                                         and boxes mapped back to frame pixels
+    REPO/<name>_pipeline/config.pbtxt    ensemble: preprocess -> model [-> postprocess]; a detector's answers with
+                                         final detections (num_dets, det_boxes xyxy in frame pixels, det_scores,
+                                         det_classes), other tasks with the model outputs plus `scale_pad`
+
+The python steps import `edgedeploy` (its one letterbox, NMS and box mapping), so the Triton container needs
+`pip install edgedeploy` (with torch/torchvision for the NMS) in its Python environment.
 
 IO names, dtypes and dims come from the artifact's sidecar and, for shapes, from the ONNX graph (for an engine,
 the ONNX it was built from: the file beside it whose sha256 the sidecar records).
@@ -16,6 +22,7 @@ the ONNX it was built from: the file beside it whose sha256 the sidecar records)
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,76 +137,116 @@ def model_config(
 
 def preprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, max_batch: int) -> str:
     h, w = (int(model_input.dims[-2]), int(model_input.dims[-1]))
+    conv = meta.convention()  # the sidecar's input convention (channel order, scale, mean/std, letterbox rule)
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
         + _io_block("input", [TensorSpec("frame", "TYPE_UINT8", [-1, -1, -1, 3])], max_batch > 0)
         + _io_block(
             "output",
-            [TensorSpec(model_input.name, model_input.data_type, [-1, 3, h, w]), TensorSpec("scale_pad", "TYPE_FP32", [-1, 3])],
+            [TensorSpec(model_input.name, model_input.data_type, [-1, 3, h, w]),
+             TensorSpec("scale_pad", "TYPE_FP32", [-1, 3]), TensorSpec("frame_hw", "TYPE_INT32", [-1, 2])],
             max_batch > 0,
         )
         + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
-        + "parameters [\n"
-        + f'  {{ key: "letterbox" value: {{ string_value: "{int(meta.letterbox)}" }} }},\n'
-        + f'  {{ key: "mean" value: {{ string_value: "{",".join(str(m) for m in meta.mean)}" }} }},\n'
-        + f'  {{ key: "std" value: {{ string_value: "{",".join(str(s) for s in meta.std)}" }} }}\n]\n'
+        + _parameters({"convention": json.dumps(conv.to_dict()).replace('"', '\\"')})
     )
 
 
-def ensemble_config(name: str, pre: str, model: str, model_input: TensorSpec, outputs: list[TensorSpec], max_batch: int) -> str:
+def _parameters(values: dict) -> str:
+    items = [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in values.items()]
+    return "parameters [\n" + ",\n".join(items) + "\n]\n"
+
+
+DETECTION_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
+
+
+def detection_outputs(max_det: int) -> list[TensorSpec]:
+    return [TensorSpec("num_dets", "TYPE_INT32", [-1, 1]), TensorSpec("det_boxes", "TYPE_FP32", [-1, max_det, 4]),
+            TensorSpec("det_scores", "TYPE_FP32", [-1, max_det]), TensorSpec("det_classes", "TYPE_INT32", [-1, max_det])]
+
+
+def nms_in_engine(meta: ArtifactMeta) -> bool:
+    """--nms trt/onnx exports run the NMS in the engine (num_dets + padded boxes/scores/classes)."""
+    return (meta.postprocess or {}).get("nms", "none") not in ("none", "", None)
+
+
+def postprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, model_outputs: list[TensorSpec],
+                       max_batch: int, conf_thres: float, iou_thres: float) -> str:
+    max_det = int((meta.postprocess or {}).get("max_det", 100))
+    return (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
+        + _io_block("input", model_outputs + [TensorSpec("frame_hw", "TYPE_INT32", [-1, 2])], max_batch > 0)
+        + _io_block("output", detection_outputs(max_det), max_batch > 0)
+        + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
+        + _parameters({"letterbox": int(meta.letterbox), "letterbox_align": meta.convention().letterbox_align,
+                       "input_hw": f"{model_input.dims[-2]},{model_input.dims[-1]}",
+                       "conf_thres": conf_thres, "iou_thres": iou_thres, "max_det": max_det,
+                       "nms_in_engine": int(nms_in_engine(meta))})
+    )
+
+
+def ensemble_config(name: str, pre: str, model: str, model_input: TensorSpec, outputs: list[TensorSpec], max_batch: int,
+                    post: str | None = None, max_det: int = 100) -> str:
+    """preprocess -> model, and with `post` -> postprocess, whose final detections are the ensemble's outputs."""
     batched = max_batch > 0
-    out_maps = "\n".join(f'        {{ key: "{o.name}" value: "{o.name}" }}' for o in outputs)
+    # with a postprocess step the model's outputs are internal tensors (raw_*): an engine with NMS inside names
+    # its outputs num_dets/boxes/..., and an ensemble tensor may be written by one step only
+    raw = "raw_" if post else ""
+    out_maps = "\n".join(f'        {{ key: "{o.name}" value: "{raw}{o.name}" }}' for o in outputs)
+    final = detection_outputs(max_det) if post else outputs + [TensorSpec("scale_pad", "TYPE_FP32", [-1, 3])]
+    steps = [
+        f'    {{\n      model_name: "{pre}"\n      model_version: -1\n'
+        + '      input_map { key: "frame" value: "frame" }\n'
+        + f'      output_map {{ key: "{model_input.name}" value: "preprocessed" }}\n'
+        # map only what a later step or the client reads: the detector's postprocess takes frame_hw, clients of
+        # the raw outputs scale_pad
+        + ('      output_map { key: "frame_hw" value: "frame_hw" }\n    }' if post else
+           '      output_map { key: "scale_pad" value: "scale_pad" }\n    }'),
+        f'    {{\n      model_name: "{model}"\n      model_version: -1\n'
+        + f'      input_map {{ key: "{model_input.name}" value: "preprocessed" }}\n'
+        + "      output_map [\n" + out_maps.replace("\n", ",\n") + "\n      ]\n    }",
+    ]
+    if post:
+        in_maps = ",\n".join(f'        {{ key: "{o.name}" value: "{raw}{o.name}" }}' for o in outputs)
+        in_maps += ',\n        { key: "frame_hw" value: "frame_hw" }'
+        final_maps = ",\n".join(f'        {{ key: "{n}" value: "{n}" }}' for n in DETECTION_OUTPUTS)
+        steps.append(f'    {{\n      model_name: "{post}"\n      model_version: -1\n'
+                     + "      input_map [\n" + in_maps + "\n      ]\n"
+                     + "      output_map [\n" + final_maps + "\n      ]\n    }")
     return (
         f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
         + _io_block("input", [TensorSpec("frame", "TYPE_UINT8", [-1, -1, -1, 3])], batched)
-        + _io_block("output", outputs + [TensorSpec("scale_pad", "TYPE_FP32", [-1, 3])], batched)
-        + "ensemble_scheduling {\n  step [\n"
-        + f'    {{\n      model_name: "{pre}"\n      model_version: -1\n'
-        + '      input_map { key: "frame" value: "frame" }\n'
-        + f'      output_map {{ key: "{model_input.name}" value: "preprocessed" }}\n'
-        + '      output_map { key: "scale_pad" value: "scale_pad" }\n    },\n'
-        + f'    {{\n      model_name: "{model}"\n      model_version: -1\n'
-        + f'      input_map {{ key: "{model_input.name}" value: "preprocessed" }}\n'
-        + "      output_map [\n" + out_maps.replace("\n", ",\n") + "\n      ]\n    }\n  ]\n}\n"
+        + _io_block("output", final, batched)
+        + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     )
 
 
 PREPROCESS_MODEL_PY = '''"""Triton python-backend step written by `deploy triton`: BGR uint8 frames -> the model's input tensor.
 
-Letterbox (detectors) or resize (classifiers/segmenters), BGR->RGB, /255, (x - mean) / std, HWC->CHW.
+Letterbox (detectors; centred or top-left, pad value) or resize (classifiers/segmenters), then the model's input
+convention from the config parameters: channel order (BGR->RGB unless the model takes BGR), pixel scale (/255 or
+none), (x - mean) / std with mean/std in scaled units, HWC->CHW.
 Also returns scale_pad = (scale, pad_x, pad_y) so clients map boxes back to frame pixels: (xy - pad) / scale.
 """
 
 import json
 
-import cv2
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from edgedeploy.data.preprocess import InputConvention, to_input_tensor
 
-def preprocess(frame, size, letterbox, mean, std, dtype=np.float32):
-    h_out, w_out = size
-    h, w = frame.shape[:2]
-    if letterbox:
-        scale = min(h_out / h, w_out / w)
-        nh, nw = int(round(h * scale)), int(round(w * scale))
-        pad_y, pad_x = (h_out - nh) // 2, (w_out - nw) // 2
-        canvas = np.full((h_out, w_out, 3), 114, np.uint8)
-        canvas[pad_y:pad_y + nh, pad_x:pad_x + nw] = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    else:
-        scale, pad_x, pad_y = 1.0, 0, 0
-        canvas = cv2.resize(frame, (w_out, h_out), interpolation=cv2.INTER_LINEAR)
-    x = (canvas[:, :, ::-1].astype(np.float32) / 255.0 - mean) / std
-    return x.transpose(2, 0, 1).astype(dtype), np.array([scale, pad_x, pad_y], np.float32)
+
+def preprocess(frame, size, convention, dtype=np.float32):
+    x, scale, (pad_x, pad_y) = to_input_tensor(frame, size, dtype=dtype, convention=convention)
+    return x[0], np.array([scale, pad_x, pad_y], np.float32)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
-        self.letterbox = params.get("letterbox", "0") == "1"
-        self.mean = np.array([float(v) for v in params["mean"].split(",")], np.float32)
-        self.std = np.array([float(v) for v in params["std"].split(",")], np.float32)
+        self.convention = InputConvention.from_dict(json.loads(params["convention"]))
         out = cfg["output"][0]
         self.out_name = out["name"]
         self.size = (int(out["dims"][-2]), int(out["dims"][-1]))
@@ -209,10 +256,74 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             frames = pb_utils.get_input_tensor_by_name(request, "frame").as_numpy()
-            pairs = [preprocess(f, self.size, self.letterbox, self.mean, self.std, self.dtype) for f in frames]
+            pairs = [preprocess(f, self.size, self.convention, self.dtype) for f in frames]
             x = np.stack([p[0] for p in pairs])
             sp = np.stack([p[1] for p in pairs])
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.out_name, x), pb_utils.Tensor("scale_pad", sp)]))
+            hw = np.array([f.shape[:2] for f in frames], np.int32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.out_name, x),
+                                                         pb_utils.Tensor("scale_pad", sp),
+                                                         pb_utils.Tensor("frame_hw", hw)]))
+        return responses
+'''
+
+
+POSTPROCESS_MODEL_PY = '''"""Triton python-backend step written by `deploy triton` for detectors: the model's outputs -> final detections
+in frame pixels, exactly as `edgedeploy.runtime.Detector` computes them: NMS with `edgedeploy.runtime.nms`
+(unless the engine already ran it: `--nms trt/onnx`), then the letterbox undone with the same geometry.
+
+Outputs, padded to max_det: num_dets [1] int32, det_boxes [max_det, 4] xyxy float32 frame pixels,
+det_scores [max_det] float32, det_classes [max_det] int32.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from edgedeploy.runtime.gpu_preprocess import letterbox_geometry
+from edgedeploy.runtime.nms import boxes_to_frame
+from edgedeploy.runtime.pipelines import detection_rows
+
+
+def postprocess(outs, frame_hw, input_hw, letterbox, conf_thres, iou_thres, max_det, align="center"):
+    """outs: {model output name: [B, ...] array}; frame_hw [B, 2] -> (num [B,1], boxes, scores, classes)."""
+    rows = detection_rows(outs, conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
+    b = len(rows)
+    num = np.zeros((b, 1), np.int32)
+    boxes = np.zeros((b, max_det, 4), np.float32)
+    scores = np.zeros((b, max_det), np.float32)
+    classes = np.zeros((b, max_det), np.int32)
+    for i, (r, (h, w)) in enumerate(zip(rows, frame_hw.tolist())):
+        scale, pad, _ = letterbox_geometry(int(h), int(w), input_hw[0], input_hw[1], letterbox, align)
+        k = min(len(r), max_det)
+        num[i, 0] = k
+        boxes[i, :k] = boxes_to_frame(r[:k, :4], scale, pad, int(h), int(w))
+        scores[i, :k] = r[:k, 4]
+        classes[i, :k] = r[:k, 5].astype(np.int32)
+    return num, boxes, scores, classes
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        p = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+        self.letterbox = p["letterbox"] == "1"
+        self.align = p.get("letterbox_align", "center")
+        self.input_hw = tuple(int(v) for v in p["input_hw"].split(","))
+        self.conf_thres, self.iou_thres = float(p["conf_thres"]), float(p["iou_thres"])
+        self.max_det = int(p["max_det"])
+        self.inputs = [i["name"] for i in cfg["input"] if i["name"] != "frame_hw"]
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            outs = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs}
+            hw = pb_utils.get_input_tensor_by_name(request, "frame_hw").as_numpy()
+            num, boxes, scores, classes = postprocess(outs, hw, self.input_hw, self.letterbox, self.conf_thres,
+                                                      self.iou_thres, self.max_det, self.align)
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("num_dets", num), pb_utils.Tensor("det_boxes", boxes),
+                pb_utils.Tensor("det_scores", scores), pb_utils.Tensor("det_classes", classes)]))
         return responses
 '''
 
@@ -226,8 +337,11 @@ def write_triton_repo(
     kind: str = "KIND_GPU",
     preferred_batch: list[int] | None = None,
     preprocess: bool | None = None,
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
 ) -> list[Path]:
-    """Write the model (and for detectors by default, a preprocess + ensemble) into `repo`. Returns model dirs."""
+    """Write the model (and for detectors by default, preprocess + postprocess + ensemble) into `repo`.
+    Returns the model dirs."""
     artifact = Path(artifact)
     if not artifact.is_file():
         raise EdgeDeployError(f"artifact not found: {artifact}")
@@ -277,12 +391,22 @@ def write_triton_repo(
         preprocess = meta.task == "detect"
     if preprocess:
         pre, ens = f"{name}_preprocess", f"{name}_pipeline"
+        post = f"{name}_postprocess" if meta.task == "detect" else None
+        max_det = int((meta.postprocess or {}).get("max_det", 100))
         (repo / pre / "1").mkdir(parents=True, exist_ok=True)
         atomic_write_text(repo / pre / "1" / "model.py", PREPROCESS_MODEL_PY)
         atomic_write_text(repo / pre / "config.pbtxt", preprocess_config(pre, meta, inputs[0], max_batch))
+        written.append(repo / pre)
+        if post:
+            (repo / post / "1").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(repo / post / "1" / "model.py", POSTPROCESS_MODEL_PY)
+            atomic_write_text(repo / post / "config.pbtxt",
+                              postprocess_config(post, meta, inputs[0], outputs, max_batch, conf_thres, iou_thres))
+            written.append(repo / post)
         (repo / ens / "1").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(repo / ens / "config.pbtxt", ensemble_config(ens, pre, name, inputs[0], outputs, max_batch))
-        written += [repo / pre, repo / ens]
+        atomic_write_text(repo / ens / "config.pbtxt",
+                          ensemble_config(ens, pre, name, inputs[0], outputs, max_batch, post, max_det))
+        written.append(repo / ens)
     return written
 
 
@@ -297,13 +421,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"])
     p.add_argument("--preferred-batch", type=opt.BATCH.arg, nargs="*", help="preferred dynamic-batch sizes")
     p.add_argument("--preprocess", action=argparse.BooleanOptionalAction, default=None,
-                   help="add a python-backend preprocess step and an ensemble (default: on for detectors)")
+                   help="add a python-backend preprocess step and an ensemble (default: on for detectors; a detector's "
+                        "ensemble also ends in NMS + boxes in frame pixels)")
+    p.add_argument("--conf-thres", type=float, default=0.25, help="detectors: score threshold of the final step")
+    p.add_argument("--iou-thres", type=float, default=0.45, help="detectors: NMS IoU threshold of the final step")
 
 
 def run(args: argparse.Namespace) -> int:
     written = write_triton_repo(
         args.engine or args.onnx, args.repo, args.name, args.max_batch, args.instances, args.kind,
-        args.preferred_batch, args.preprocess,
+        args.preferred_batch, args.preprocess, args.conf_thres, args.iou_thres,
     )
     for d in written:
         print(f"wrote {d}/config.pbtxt")

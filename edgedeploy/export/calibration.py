@@ -5,6 +5,7 @@ Unreadable files are skipped and counted, never fatal: one corrupt JPEG must not
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -13,14 +14,30 @@ import numpy as np
 
 from edgedeploy.errors import DatasetError
 
+log = logging.getLogger("edgedeploy.export")
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
+_NOT_IMAGES = {".txt", ".json", ".yaml", ".yml", ".xml", ".csv", ".md", ".cache"}  # annotations beside images
+
+
 def list_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under `root` (recursive, sorted). Other files (a .gif in a class folder) are named in a warning:
+    a file left out is said, never silently dropped."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"image directory not found: {root} (pass a folder of images, or `synthetic`)")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files, other = [], []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        suffix = p.suffix.lower()
+        (files if suffix in IMAGE_SUFFIXES else other if suffix not in _NOT_IMAGES else []).append(p)
+    if other:
+        from edgedeploy.data.imagefolder import skipped_message
+
+        log.warning("%s", skipped_message(root, other))
     if not files:
         raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     return files
@@ -35,17 +52,18 @@ def read_image(path: Path) -> np.ndarray | None:
     return img if img is not None and img.size else None
 
 
-def read_image_dir(root: str | os.PathLike, n: int | None = None) -> tuple[list[np.ndarray], int]:
-    """Up to `n` decodable images from `root` (recursive) and how many files were skipped as corrupt.
+def read_image_files(files: list[Path], n: int | None = None, where: str = "") -> tuple[list[np.ndarray], int]:
+    """Up to `n` decodable images of `files` and how many were skipped as corrupt.
 
     Files are taken evenly spaced over the sorted list, so a tree of class folders gives every class its share
     (the first `n` files would all be one class: a calibration that has never seen the others).
     """
-    files = list_images(root)
+    files = sorted(files)
     if n is not None and len(files) > n:
         step = len(files) / n
         picked = [files[int(i * step)] for i in range(n)]
-        files = picked + [f for f in files if f not in set(picked)]  # the rest stand in for corrupt ones
+        chosen = set(picked)
+        files = picked + [f for f in files if f not in chosen]  # the rest stand in for corrupt ones
     images, skipped = [], 0
     for path in files:
         if n is not None and len(images) >= n:
@@ -56,14 +74,20 @@ def read_image_dir(root: str | os.PathLike, n: int | None = None) -> tuple[list[
         else:
             images.append(img)
     if not images:
-        raise DatasetError(f"none of the images under {root} could be decoded ({skipped} corrupt)")
+        raise DatasetError(f"none of the images under {where or 'the given files'} could be decoded ({skipped} corrupt)")
     return images, skipped
+
+
+def read_image_dir(root: str | os.PathLike, n: int | None = None) -> tuple[list[np.ndarray], int]:
+    """Up to `n` decodable images from `root` (recursive, evenly spaced) and how many were skipped as corrupt."""
+    return read_image_files(list_images(root), n, str(root))
 
 
 def read_image_folder(
     root: str | os.PathLike, n: int | None = None, classes: list[str] | None = None
-) -> tuple[list[np.ndarray], list[int], list[str], int]:
-    """ImageFolder layout (root/<class>/<image>): images, labels, class names, skipped count.
+) -> tuple[list[np.ndarray], list[int], list[str], int, int]:
+    """ImageFolder layout (root/<class>/<image>): images, labels, class names, corrupt files skipped, and how
+    many images the folder holds (files of unsupported formats are named in a warning by `list_images`).
 
     Labels follow `classes` (the training label order, e.g. from classes.txt) when given, else sorted folder
     names. Images are taken round-robin over classes so a small `n` still covers every class.
@@ -92,7 +116,7 @@ def read_image_folder(
             labels.append(label)
     if not images:
         raise DatasetError(f"no decodable images under {root} ({skipped} corrupt)")
-    return images, labels, classes, skipped
+    return images, labels, classes, skipped, sum(len(p) for p in per_class)
 
 
 class CalibrationReader:

@@ -1,6 +1,7 @@
 """`deploy export`: PyTorch -> ONNX (parity-proved) -> FP16 / INT8 Q/DQ ONNX -> TensorRT / TensorRT-RTX engines.
 
-Exit codes: 0 done, 3 engines skipped (no builder installed), 4 parity failure, 1 any other error.
+Exit codes: 0 done, 2 an option out of range, 3 engines skipped (no builder installed), 4 parity failure,
+130 interrupted, 1 any other error (docs/TROUBLESHOOTING.md).
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ from edgedeploy.errors import EdgeDeployError
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="registry name, e.g. mobilenetv3_large (see `deploy models`); optional with "
                                         "--weights from `deploy train`, whose checkpoint names its model")
-    parser.add_argument("--weights", help="checkpoint (ours or a torchvision state_dict); default: re-initialised "
-                                          "weights with realistic magnitudes, for the parity proof only")
+    parser.add_argument("--weights", help="checkpoint (ours, a torchvision state_dict, or an official checkpoint: "
+                                          "YOLOX .pth, Ultralytics YOLOv5 .pt, ... see docs/CHECKPOINTS.md); "
+                                          "default: re-initialised weights with realistic magnitudes, for the "
+                                          "parity proof only")
+    parser.add_argument("--input-convention", metavar="NAME",
+                        help="input convention overriding the checkpoint's, e.g. yolox-legacy for weights from "
+                             "YOLOX < 0.2.0 (RGB, /255, ImageNet mean/std)")
     parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, help="classes of the checkpoint's head")
     parser.add_argument("--imgsz", type=opt.IMGSZ.arg, help="square input size (default: the model's)")
     b = parser.add_mutually_exclusive_group()
@@ -31,17 +37,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         default=[], metavar="OP[,OP...]",
                         help="more ONNX op types to keep in FP32 in the FP16 model (e.g. MatMul,Add)")
     parser.add_argument("--int8", action="store_true", help="also write an INT8 Q/DQ ONNX (and engine)")
-    parser.add_argument("--calib", metavar="DIR|synthetic", help="INT8 calibration images (default: the "
-                        "checkpoint's training images when it records them, else synthetic)")
+    parser.add_argument("--calib", metavar="DIR|synthetic", help="INT8 calibration images: a folder of images, a "
+                        "dataset folder (its train split) or `synthetic` (default: the training images the checkpoint "
+                        "records; an error when they are gone)")
     parser.add_argument("--calib-images", type=opt.CALIB_IMAGES.arg, default=64)
     parser.add_argument("--calib-method", choices=opt.CALIB_METHOD.choices, default="auto",
                         help="activation range: percentile (clips rare outliers), minmax (memory-bounded), ema "
                              "(moving-average minmax), entropy (KL, TensorRT's classic); auto = ema for detectors, "
                              "else percentile when its histograms fit in memory, else minmax")
     parser.add_argument("--eval-data", metavar="DIR|synthetic",
-                        help="held-out images for FP16/INT8 accuracy (ImageFolder layout gives top-1; default: the "
-                             "checkpoint's val split when it records its dataset, else synthetic)")
-    parser.add_argument("--eval-images", type=opt.EVAL_IMAGES.arg, default=64)
+                        help="held-out data for FP16/INT8 accuracy: a labelled dataset folder (its val split: top-1, "
+                             "mAP or mIoU), a folder of images (agreement only) or `synthetic` (default: the val "
+                             "split of the dataset the checkpoint records; an error when it is gone)")
+    parser.add_argument("--eval-images", type=opt.EVAL_IMAGES.arg, default=None, metavar="N",
+                        help="cap the held-out set at N evenly spaced images (default: the whole split)")
+    parser.add_argument("--ignore-index", type=int, default=None,
+                        help="segmentation: mask value left out of mIoU (default: the checkpoint's, else 255)")
     parser.add_argument("--builder", choices=opt.BUILDER.choices, default="auto")
     parser.add_argument("--workspace", type=opt.WORKSPACE_MB.arg, metavar="MB", help="TensorRT workspace memory-pool limit")
     parser.add_argument("--timing-cache", help="timing cache file (default OUT/<model>/timing.cache)")
@@ -67,9 +78,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _model_from_checkpoint(weights: str | None) -> str:
     if not weights:
         raise EdgeDeployError("say what to export: --model NAME (see `deploy models`) and/or --weights CHECKPOINT")
-    from edgedeploy.models.checkpoint import read_checkpoint
+    from edgedeploy.models.checkpoint import checkpoint_meta
 
-    name = (read_checkpoint(weights).get("meta") or {}).get("model_name")
+    name = checkpoint_meta(weights).get("model_name")  # ours, or the variant an official checkpoint is
     if not name:
         raise EdgeDeployError(f"{weights} does not name its model (not a `deploy train` checkpoint): add --model NAME")
     return str(name)
@@ -107,12 +118,16 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model:
         args.model = _model_from_checkpoint(args.weights)
-    options = task_options(args, get_model_info(args.model).task)
+    task = get_model_info(args.model).task
+    options = task_options(args, task)
+    if args.ignore_index is not None and task != "segment":
+        raise EdgeDeployError(f"--ignore-index applies to segment models; {args.model} is a {task} model")
 
     report = export(
         args.model,
         log=log,
         weights=args.weights,
+        input_convention=args.input_convention,
         num_classes=args.num_classes,
         imgsz=args.imgsz,
         batch=args.batch,
@@ -129,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         calib_method=args.calib_method,
         eval_data=args.eval_data,
         eval_images=args.eval_images,
+        ignore_index=args.ignore_index,
         builder=args.builder,
         workspace_mb=args.workspace,
         timing_cache=args.timing_cache,

@@ -16,6 +16,7 @@ BUILDERS = ("auto", "tensorrt", "tensorrt-rtx", "none")
 class ExportOptions:
     model: str
     weights: str | None = None
+    input_convention: str | None = None  # preset name overriding the checkpoint's (e.g. "yolox-legacy")
     num_classes: int | None = None
     imgsz: int | None = None  # None: the model's registered default
     batch: int = 1  # static batch (ignored when dynamic_batch is set)
@@ -27,12 +28,14 @@ class ExportOptions:
     fp16_io: str = "fp32"  # "fp32": keep FP32 inputs/outputs around the FP16 graph; "fp16": FP16 IO
     fp16_keep: list[str] = field(default_factory=list)  # extra ONNX op types kept in FP32 in the FP16 model
     int8: bool = False
-    calib: str | None = None  # image directory or "synthetic"; None: the checkpoint's training data, else synthetic
+    calib: str | None = None  # image directory, dataset folder (its train split) or "synthetic"; None: the
+    # checkpoint's recorded training data (an error when it is gone), synthetic only for re-initialised weights
     calib_images: int = 64
     calib_method: str = "auto"  # auto | minmax | ema | percentile | entropy (see export.int8.resolve_calib_method)
     eval_data: str | None = None  # held-out images for FP16/INT8 accuracy: directory or "synthetic"; None: the
     # checkpoint's validation split when it recorded its (classification) dataset, else synthetic
-    eval_images: int = 64
+    eval_images: int | None = None  # None: the whole held-out split; N caps it (evenly spaced)
+    ignore_index: int | None = None  # segmentation: mask value left out of mIoU; None: the checkpoint's (else 255)
     parity_inputs: int = 4  # real-looking images, plus one random-normal input
     rtol: float | None = None  # None: the task adapter's parity_tolerance()
     atol: float | None = None
@@ -57,7 +60,7 @@ class ExportOptions:
             self.batch = opt.BATCH.check(self.batch)
         self.opset = opt.OPSET.check(self.opset)
         self.calib_images = opt.CALIB_IMAGES.check(self.calib_images)
-        self.eval_images = opt.EVAL_IMAGES.check(self.eval_images)
+        self.eval_images = opt.EVAL_IMAGES.check_optional(self.eval_images)
         self.calib_method = opt.CALIB_METHOD.check(self.calib_method)
         self.builder = opt.BUILDER.check(self.builder)
         self.fp16_io = opt.FP16_IO.check(self.fp16_io)

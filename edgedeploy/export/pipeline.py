@@ -8,6 +8,7 @@ every artifact whose key and file are unchanged (`force=True` rebuilds all).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -88,6 +89,14 @@ def select_builder(name: str) -> tuple[str, str]:
     return "none", INSTALL_HINT
 
 
+def _fraction(v: float, name: str = "") -> str:
+    """A metric in [0, 1] with the digits that show a difference: agreement 0.9995 is not "1.000"."""
+    text = f"{v:.4f}" if name == "agreement" else f"{v:.3f}"
+    if v != 1.0 and float(text) == 1.0:  # closer to 1 than the digits show
+        text = f"{v:.7f}".rstrip("0")
+    return text
+
+
 def _progress(enabled: bool, total: int, desc: str):
     from tqdm import tqdm
 
@@ -104,12 +113,16 @@ class _Exporter:
         self.adapter: TaskAdapter = get_task_adapter(self.info.task)
         from edgedeploy.options import check_imgsz
 
-        self.imgsz = check_imgsz(options.imgsz or self._checkpoint_meta(options.weights).get("imgsz") or self.info.imgsz,
-                                 self.adapter.imgsz_multiple, batch=options.batch_shape[2], who=f"{self.info.task} models")
+        self.imgsz = check_imgsz(options.imgsz or self._checkpoint_meta(options.weights, self.info.name).get("imgsz")
+                                 or self.info.imgsz, self.adapter.imgsz_multiple, batch=options.batch_shape[2],
+                                 who=f"{self.info.task} models")
         self.name = self.info.name
-        self.ckpt_meta = self._checkpoint_meta(options.weights)
+        self.ckpt_meta = self._checkpoint_meta(options.weights, self.info.name)
+        self._apply_input_convention()
         self._class_names = [str(c) for c in self.ckpt_meta.get("class_names") or []]
         self._resolve_data_sources()
+        if options.fp16 or options.int8:
+            self.eval_data()  # bad held-out data (classes, masks, labels) stops here, before anything is written
         self.out = Path(options.out) / self.name
         self._new_dirs = missing_dirs(self.out)  # removed again if the run fails and leaves them empty
         _check_writable(self.out)
@@ -135,28 +148,66 @@ class _Exporter:
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _resolve_data_sources(self) -> None:
-        """Unset --calib/--eval-data: a checkpoint from `deploy train` records its dataset; its train images
-        calibrate INT8 and its val split measures FP16/INT8 (labelled top-1 for classifiers; detection agreement
-        on the detector's own val images). Otherwise the synthetic renderer. Calibrating a detector on images
-        that are not its own is what costs INT8 most: measured on yolox_nano, 3-class synthetic renders gave
-        mAP@.5:.95 0.025 against 0.326 with its training images (FP32 0.368)."""
+        """Where calibration and held-out images come from. Unset --calib/--eval-data: a `deploy train` checkpoint
+        records its dataset (absolute path); its train split calibrates INT8 and its val split measures FP16/INT8
+        (top-1, mAP or mIoU), for every task. Recorded data that is gone, or weights that record none, stop the
+        export with an error naming the flag to pass: synthetic images are used only when asked for
+        (`synthetic`), for a checkpoint trained on them, or for re-initialised weights (no checkpoint at all).
+        Calibrating a detector on images that are not its own is what costs INT8 most: measured on yolox_nano,
+        3-class synthetic renders gave mAP@.5:.95 0.025 against 0.326 with its training images (FP32 0.368)."""
+        from edgedeploy.data.sources import missing_data_error, recorded_data, split_images
+        from edgedeploy.errors import DatasetError
+
         o = self.o
-        calib_dir, eval_root = None, None
-        if self.info.task == "classify":
-            data = self.ckpt_meta.get("data")
-            root = Path(data) if data and Path(data).is_dir() else None
-            if root is not None:
-                calib_dir = root / "train" if (root / "train").is_dir() else None
-                eval_root = root
-        elif self.info.task == "detect":
+        task = self.info.task
+        rec = recorded_data(self.ckpt_meta)
+        self.recorded = rec
+        needs_calib = o.int8 and o.calib is None
+        needs_eval = (o.int8 or o.fp16) and o.eval_data is None
+        root: Path | None = None
+        if task == "detect" and rec.synthetic:
             root = self._detect_data_root()
-            if root is not None:
-                calib_dir = root / "images" / "train" if (root / "images" / "train").is_dir() else None
-                eval_root = root / "images" / "val" if (root / "images" / "val").is_dir() else None
-        if o.calib is None:
-            o.calib = str(calib_dir) if calib_dir is not None else "synthetic"
+        elif rec.found:
+            root = Path(str(rec.path))
+        if root is None and o.weights and not rec.synthetic and (needs_calib or needs_eval):
+            flags = ([("--calib DIR (images like the training set's) or --calib synthetic")] if needs_calib else []) + (
+                ["--eval-data DIR (a labelled val split) or --eval-data synthetic"] if needs_eval else [])
+            raise missing_data_error(o.weights, rec, " and ".join(flags))
+        self.data_root = root
+        self.calib_files: list[Path] | None = None
+        self.calib_where = "synthetic"
+        if o.calib is None and root is not None:
+            files, folder, layout = split_images(root, task, "train")
+            o.calib, self.calib_files, self.calib_where = str(folder), files, f"{folder} (train split, {layout})"
+        elif o.calib is None:
+            o.calib = "synthetic"
+            self.calib_where = ("synthetic renders (trained on the synthetic set)" if rec.synthetic else
+                                "synthetic renders (no checkpoint: re-initialised weights)")
+        elif o.calib != "synthetic":
+            calib = Path(o.calib)
+            if not calib.exists():
+                raise DatasetError(f"--calib {o.calib}: not found; pass a folder of images, a dataset folder (its "
+                                   "train split is used), or `--calib synthetic`")
+            try:
+                files, folder, layout = split_images(calib, task, "train")
+                self.calib_files, self.calib_where = files, f"{folder} (train split, {layout})"
+            except DatasetError:
+                from edgedeploy.export.calibration import list_images
+
+                self.calib_files, self.calib_where = list_images(calib), f"{calib} (folder of images)"
+        else:
+            self.calib_where = "synthetic renders (--calib synthetic)"
+        if self.calib_files is not None and not self.calib_files:
+            raise DatasetError(f"--calib {o.calib}: no images in {self.calib_where}")
         if o.eval_data is None:
-            o.eval_data = str(eval_root) if eval_root is not None else "synthetic"
+            o.eval_data = str(root) if root is not None else "synthetic"
+        if o.eval_data != "synthetic" and not Path(o.eval_data).exists():
+            raise DatasetError(f"--eval-data {o.eval_data}: not found; pass a labelled dataset folder (its val "
+                               "split is used) or `--eval-data synthetic`")
+        ignore = o.ignore_index if o.ignore_index is not None else self.ckpt_meta.get("ignore_index")
+        self.adapter.dataset_meta = {"class_names": self._class_names, "ignore_index": ignore}
+        if self.calib_files:  # parity inputs from the model's own kind of images, not synthetic renders
+            self.adapter.image_files = self.calib_files
 
     def _detect_data_root(self) -> Path | None:
         """The YOLO-layout folder a detector checkpoint was trained on (the synthetic set is regenerated from
@@ -170,14 +221,36 @@ class _Exporter:
         return root if root is not None and (root / "images").is_dir() else None
 
     @staticmethod
-    def _checkpoint_meta(weights: str | None) -> dict[str, Any]:
-        """Our training checkpoints record num_classes, class_names and imgsz: use them as defaults."""
+    @functools.lru_cache(maxsize=4)
+    def _checkpoint_meta_cached(weights: str, model_name: str, mtime: float) -> dict[str, Any]:
+        from edgedeploy.models.checkpoint import checkpoint_meta
+
+        return checkpoint_meta(weights, model_name)
+
+    def _checkpoint_meta(self, weights: str | None, model_name: str) -> dict[str, Any]:
+        """Our training checkpoints record num_classes, class_names and imgsz: use them as defaults. Official
+        checkpoints give their source, input convention, class count (and names, when the file has them)."""
         if not weights:
             return {}
-        from edgedeploy.models.checkpoint import read_checkpoint
+        mtime = os.path.getmtime(weights) if os.path.isfile(weights) else 0.0
+        return dict(self._checkpoint_meta_cached(str(weights), model_name, mtime))
 
-        meta = read_checkpoint(weights).get("meta")
-        return dict(meta) if isinstance(meta, dict) else {}
+    def _apply_input_convention(self) -> None:
+        """The input convention travels with the weights: an official checkpoint's (or one fine-tuned from it),
+        unless --input-convention names another; every preprocessing path then reads it from `self.info`."""
+        from edgedeploy.data.preprocess import convention_for, preset, with_convention
+
+        for note in self.ckpt_meta.get("notes") or []:
+            self.log(f"  weights: {note}")
+        conv = self.ckpt_meta.get("preprocess")
+        if self.o.input_convention:
+            conv = preset(self.o.input_convention)
+        self.info = with_convention(self.info, conv)
+        c = convention_for(self.info)
+        self.convention = c
+        if conv:
+            self.log(f"  input convention: {c.channel_order.upper()}, scale {c.scale:.6g}, mean {list(c.mean)}, "
+                     f"std {list(c.std)}, {c.resize} ({c.letterbox_align if c.letterbox else c.interpolation})")
 
     def _environment(self) -> dict[str, str]:
         import onnx
@@ -255,17 +328,39 @@ class _Exporter:
             input_shape=["batch" if self.o.dynamic_batch else opt, 3, self.imgsz, self.imgsz],
             input_dtype=input_dtype,
             output_names=self.output_names,
-            mean=list(self.info.mean),
-            std=list(self.info.std),
-            letterbox=self.info.letterbox,
+            mean=self.convention.unit_mean_std()[0],
+            std=self.convention.unit_mean_std()[1],
+            letterbox=self.convention.letterbox,
+            preprocess=self.convention.to_dict(),
+            source=str(self.ckpt_meta.get("source", "")),
             class_names=self._class_names,
             precision=precision,
             batch={"min": mn, "opt": opt, "max": mx},
-            postprocess=self.adapter.sidecar_postprocess(self.o),
+            postprocess={**self.adapter.sidecar_postprocess(self.o), **self._dataset_postprocess()},
+            data=self._sidecar_data(),
             builder="torch.onnx",
             builder_version=self.report.environment.get("torch", ""),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
+
+    def _dataset_postprocess(self) -> dict[str, Any]:
+        """What a mask's values mean beyond the class ids: the ignore (void) label the model was trained with."""
+        if self.info.task != "segment":
+            return {}
+        ignore = self.adapter.dataset_meta.get("ignore_index")
+        out: dict[str, Any] = {"ignore_index": int(ignore) if ignore is not None else 255}
+        if self.ckpt_meta.get("palette"):
+            out["palette"] = self.ckpt_meta["palette"]
+        return out
+
+    def _sidecar_data(self) -> dict[str, Any]:
+        """The training data as the checkpoint records it, so `deploy eval X.onnx` finds it without --data."""
+        rec = self.recorded
+        if rec.path is None and not rec.synthetic:
+            return {}
+        return {"path": rec.path if not rec.synthetic or rec.found else "synthetic", "as_typed": rec.as_typed,
+                "layout": self.ckpt_meta.get("data_layout", ""), "synthetic": rec.synthetic,
+                "synthetic_params": self.ckpt_meta.get("synthetic") or (self.ckpt_meta.get("train_args") or {}).get("synthetic")}
 
     def write_onnx_sidecar(self, onnx_path: Path, precision: str, input_dtype: str = "float32") -> None:
         m = self.meta(precision, input_dtype)
@@ -403,6 +498,10 @@ class _Exporter:
     def eval_data(self) -> EvalData:
         if not hasattr(self, "_eval"):
             self._eval = self.adapter.load_eval_data(self.info, self.imgsz, self.o.eval_data, self.o.eval_images, self.rng(4))
+            e = self._eval
+            self.log(f"  evaluation: {len(e.inputs)} of {e.available or len(e.inputs)} images from {e.source}"
+                     + ("" if e.targets is not None else " (unlabelled: agreement with FP32 only)")
+                     + (f", {e.skipped} unreadable skipped" if e.skipped else ""))
             data_classes = [str(c) for c in self._eval.meta.get("classes") or []]
             if data_classes and self._class_names and data_classes != self._class_names:
                 raise EdgeDeployError(
@@ -439,7 +538,9 @@ class _Exporter:
         m32 = self.adapter.evaluate(counted(ref), data)
         mlow = self.adapter.evaluate(counted(low), data, reference_fn=ref)
         bar.close()
-        out = {"eval_source": data.source, "eval_images": len(data.inputs), "eval_skipped": data.skipped,
+        out = {"eval_source": data.source, "eval_images": len(data.inputs),
+               "eval_available": data.available or len(data.inputs), "eval_synthetic": data.source == "synthetic",
+               "eval_skipped": data.skipped,
                "labelled": data.targets is not None, "fp32": m32, "low": mlow}
         for k in m32:
             if k in mlow and k not in ("n", "classes_predicted"):
@@ -452,13 +553,16 @@ class _Exporter:
         for k in low:
             if k in ("n", "classes_predicted"):
                 continue
-            parts.append(f"{k} {low[k]:.3f}" + (f" (fp32 {ref[k]:.3f})" if k in ref else ""))
-        return ", ".join(parts) + f" on {acc['eval_images']} held-out"
+            parts.append(f"{k} {_fraction(low[k], k)}" + (f" (fp32 {_fraction(ref[k], k)})" if k in ref else ""))
+        of = acc.get("eval_available", acc["eval_images"])
+        return ", ".join(parts) + f" on {acc['eval_images']}" + (f" of {of}" if of != acc["eval_images"] else "") + \
+            " held-out"
 
     def step_fp16(self, fp32_path: Path, base_key: str) -> Path:
         path = self.path(".fp16.onnx")
         opts = self.o
-        key = _key("fp16", base_key, opts.fp16_io, opts.eval_data, opts.eval_images, self.adapter.fp16_op_block_list(opts))
+        key = _key("fp16", base_key, opts.fp16_io, opts.eval_data, opts.eval_images, opts.ignore_index,
+                   self.adapter.fp16_op_block_list(opts))
         if self.reusable("fp16", key):
             self.record(self.report_prev("fp16"))
             return path
@@ -484,24 +588,25 @@ class _Exporter:
                          {**info, "accuracy": acc}, key, [path.name]))
         return path
 
-    def calibration_inputs(self) -> tuple[list[np.ndarray], int, str]:
-        src, n = self.o.calib, self.o.calib_images
-        if src == "synthetic":
+    def calibration_inputs(self) -> tuple[list[np.ndarray], int, str, int]:
+        """(preprocessed inputs, corrupt files skipped, where they came from, images available there)."""
+        n = self.o.calib_images
+        if self.calib_files is None:
             imgs = self.adapter.synthetic_images(self.info, self.imgsz, n, self.rng(3))
-            skipped = 0
+            skipped, available = 0, len(imgs)
         else:
-            from edgedeploy.export.calibration import read_image_dir
+            from edgedeploy.export.calibration import read_image_files
 
-            imgs, skipped = read_image_dir(src, n)
-        return [self.adapter.preprocess(i, self.info, self.imgsz) for i in imgs], skipped, src
+            imgs, skipped = read_image_files(self.calib_files, n, self.calib_where)
+            available = len(self.calib_files)
+        return [self.adapter.preprocess(i, self.info, self.imgsz) for i in imgs], skipped, self.calib_where, available
 
     def step_int8(self, fp32_path: Path, base_key: str) -> Path:
         path = self.path(".int8.onnx")
         opts = self.o
-        calib_sig = opts.calib if opts.calib == "synthetic" else sorted(
-            (str(p.relative_to(opts.calib)), p.stat().st_size) for p in Path(opts.calib).rglob("*") if p.is_file()
-        ) if Path(opts.calib).is_dir() else opts.calib
-        key = _key("int8", base_key, calib_sig, opts.calib_images, opts.calib_method, opts.eval_data, opts.eval_images)
+        calib_sig = "synthetic" if self.calib_files is None else [(str(p), p.stat().st_size) for p in self.calib_files]
+        key = _key("int8", base_key, calib_sig, opts.calib_images, opts.calib_method, opts.eval_data, opts.eval_images,
+                   opts.ignore_index)
         if self.reusable("int8", key):
             self.record(self.report_prev("int8"))
             return path
@@ -510,7 +615,8 @@ class _Exporter:
         from edgedeploy.export.int8 import quantize_qdq, resolve_calib_method
 
         t0 = time.perf_counter()
-        inputs, skipped, src = self.calibration_inputs()
+        inputs, skipped, src, available = self.calibration_inputs()
+        self.log(f"  calibration: {len(inputs)} of {available} images from {src}")
         model = onnx.load(str(fp32_path))
         excluded = self.adapter.int8_exclusions(model, opts)
         method, why = resolve_calib_method(opts.calib_method, fp32_path, len(inputs), self.info.task)
@@ -523,7 +629,9 @@ class _Exporter:
         facts["calibration_method_reason"] = why
         acc = self._accuracy(fp32_path, path)
         self.write_onnx_sidecar(path, "int8")
-        details = {**facts, "calibration": {"source": src, "images": len(inputs), "skipped_corrupt": skipped},
+        details = {**facts, "calibration": {"source": opts.calib, "where": src, "images": len(inputs),
+                                            "available": available, "skipped_corrupt": skipped,
+                                            "synthetic": self.calib_files is None},
                    "kept_higher_precision": [{"node": n, "reason": r} for n, r in excluded]
                    + [{"node": "(op types) Relu, Clip, Sigmoid, HardSigmoid, HardSwish, Concat, Reshape, Softmax",
                        "reason": "not quantized: TensorRT fuses them into the neighbouring INT8 op or runs them in "

@@ -1,16 +1,22 @@
 """Loading and saving weights with errors a user can act on.
 
 Accepted files: our training checkpoints ({"model": state_dict, "ema": ..., "meta": ...}), a bare state_dict
-(e.g. torchvision's), or {"state_dict": ...}. Class-count mismatches name the keys and the `--num-classes` fix.
+(e.g. torchvision's), or {"state_dict": ...}, and the official checkpoints of other projects that
+`edgedeploy.models.official` recognises (converted by renaming, values unchanged). Class-count mismatches name
+the keys and the `--num-classes` fix.
+
+Nothing in a file runs code: plain tensor pickles load with `weights_only=True`; whole-module pickles
+(Ultralytics) go through `safe_pickle.restricted_load`, which reads the module classes as inert stand-ins.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
-import re
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -36,53 +42,39 @@ def _numpy_scalar_globals() -> list[Any]:
     return out
 
 
-# Classes allowed on top of torch's weights-only set (tensors, dicts, lists, tuples, str, numbers, OrderedDict).
-# argparse.Namespace (timm and others save their training args) only gets attributes set: no code runs.
+# Allowed on top of torch's weights-only set (tensors, dicts, lists, tuples, str, numbers, OrderedDict): numpy
+# scalars, and argparse.Namespace (timm and others save their training args), which only gets attributes set.
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint without running any code from it: `torch.load(weights_only=True)` plus numpy scalars.
-
-    A pickle that needs any other class or function (a whole pickled nn.Module, an argparse Namespace, or
-    a file crafted to call os.system) is refused before anything in it runs.
-    """
+    """Read a checkpoint without running code from it: `torch.load(weights_only=True)` (plus numpy scalars and
+    argparse.Namespace); a pickle needing more goes to `safe_pickle.restricted_load`, whose allow-list refuses
+    anything that could run code (a pickle calling os.system is refused before any of it runs)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    from edgedeploy.models.weights_file import _looks_like_safetensors, read_weights_file
+
+    if _looks_like_safetensors(os.fspath(path)):  # timm / hub exports
+        return read_weights_file(path)
     try:
         with torch.serialization.safe_globals(_numpy_scalar_globals() + SAFE_GLOBALS), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(_refusal(path, e)) from None
+    except pickle.UnpicklingError:  # needs globals beyond tensors: only the allow-list, module classes inert
+        from edgedeploy.models.official.yolov5 import STANDIN_PREFIXES
+        from edgedeploy.models.safe_pickle import restricted_load
+
+        obj = restricted_load(path, standin_prefixes=STANDIN_PREFIXES)
     except Exception as e:  # truncated file, not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a state dict. Save `model.state_dict()` (or our training "
             "checkpoint), not the whole module."
         )
     return dict(obj)
-
-
-def _refusal(path: str | os.PathLike, err: Exception) -> str:
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # reads the pickle opcodes, runs nothing
-    except Exception:  # noqa: BLE001  (legacy, non-zip files)
-        names = []
-    allowed = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}" for g in _numpy_scalar_globals() + SAFE_GLOBALS}
-    names = [n for n in names if n not in allowed]
-    if not names:
-        m = re.search(r"GLOBAL ([\w.]+)|global '?([\w.]+)", str(err))
-        names = [next(g for g in m.groups() if g)] if m else []
-    what = ", ".join(names[:6]) if names else "objects other than tensors and plain values"
-    return (
-        f"refused to load {path}: its pickle needs {what}, and unpickling that could run code. edgedeploy "
-        "reads only tensors and plain values (weights_only=True). If you trust the file, convert it once to a "
-        "plain state dict in a separate Python session: `obj = torch.load(PATH, weights_only=False); "
-        "torch.save(obj.state_dict() if hasattr(obj, 'state_dict') else obj['model'].state_dict(), 'weights.pt')`, "
-        "or save it as .safetensors."
-    )
 
 
 def extract_state_dict(ckpt: Mapping[str, Any], prefer_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -135,25 +127,125 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     raise CheckpointError("\n".join(lines))
 
 
+log = logging.getLogger("edgedeploy")
+
+
+@dataclass
+class Weights:
+    """A checkpoint resolved for one model: the state dict in our layout and its metadata.
+
+    For an official checkpoint, `meta` carries `source`, `preprocess` (the original's input convention,
+    `InputConvention` field names), `num_classes`, `class_names`, `model_name` and `notes`."""
+
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # architecture options an official file implies
+
+    @property
+    def official(self) -> bool:
+        return bool(self.meta.get("source"))
+
+
+def _our_state_dict(ckpt: Mapping[str, Any], prefer_ema: bool) -> dict[str, torch.Tensor] | None:
+    try:
+        return extract_state_dict(ckpt, prefer_ema=prefer_ema)
+    except CheckpointError:
+        return None
+
+
+def resolve_weights(path: str | os.PathLike, model_name: str, model: nn.Module | None = None,
+                    prefer_ema: bool = True) -> Weights:
+    """Read `path` for registry model `model_name`: our layout when it fits (`model`, if given, decides), else an
+    official format converted to ours. Raises naming the variant a file really is, or the mismatched keys and
+    the recognised formats."""
+    ckpt = read_checkpoint(path)
+    sd = _our_state_dict(ckpt, prefer_ema)
+    meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+    if sd is not None and (meta or (model is not None and _fits(model, sd))):
+        return Weights(sd, dict(meta))
+    from edgedeploy.models.official import convert_official, known_formats
+
+    conv = convert_official(ckpt, model_name)
+    if conv is None:
+        if sd is None:
+            raise CheckpointError(
+                f"{path}: not a state dict nor a recognised official checkpoint (found keys: "
+                f"{', '.join(list(ckpt)[:8])}). Recognised: our `deploy train` checkpoints, bare state dicts "
+                f"(torchvision), {', '.join(known_formats())}.")
+        if model is None:
+            return Weights(sd, dict(meta))
+        try:
+            check_state_dict(model, sd)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}\n  recognised formats: our `deploy train` checkpoints, bare state "
+                                  f"dicts in our layout (torchvision's), {', '.join(known_formats())}") from None
+        return Weights(sd, dict(meta))
+    if conv.variant is not None and conv.variant != model_name:
+        raise CheckpointError(
+            f"{path} is a {conv.source} checkpoint of {conv.variant}, not {model_name}: use --model {conv.variant} "
+            f"(create_model({conv.variant!r}, weights=...)).")
+    if conv.variant is None:
+        raise CheckpointError(
+            f"{path} is a {conv.source} checkpoint, but of a width/depth that no registered variant has "
+            f"(asked for {model_name}). `deploy models` lists the variants.")
+    for note in conv.notes:
+        log.info(note)
+    meta = {"source": conv.source, "preprocess": dict(conv.preprocess), "model_name": conv.variant,
+            "notes": list(conv.notes)}
+    nc = conv.model_kwargs.get("num_classes")
+    if nc:
+        meta["num_classes"] = int(nc)
+    if conv.class_names:
+        meta["class_names"] = list(conv.class_names)
+    kwargs = {k: v for k, v in conv.model_kwargs.items() if k != "num_classes"}
+    return Weights(conv.state_dict, meta, kwargs)
+
+
+def _fits(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> bool:
+    own = model.state_dict()
+    return set(own) == set(sd) and all(own[k].shape == sd[k].shape for k in own)
+
+
+def checkpoint_meta(path: str | os.PathLike, model_name: str | None = None) -> dict[str, Any]:
+    """Metadata of a checkpoint without building the model: ours (`meta`) or, for an official file, its source,
+    input convention, class count and variant. `model_name` None: any variant of an official family."""
+    ckpt = read_checkpoint(path)
+    meta = ckpt.get("meta")
+    if isinstance(meta, dict):
+        return dict(meta)
+    from edgedeploy.models.official import convert_official
+
+    conv = convert_official(ckpt, model_name or "")
+    if conv is None:
+        return {}
+    out = {"source": conv.source, "preprocess": dict(conv.preprocess), "model_name": conv.variant,
+           "notes": list(conv.notes)}
+    if conv.model_kwargs.get("num_classes"):
+        out["num_classes"] = int(conv.model_kwargs["num_classes"])
+    if conv.class_names:
+        out["class_names"] = list(conv.class_names)
+    return out
+
+
+def apply_weights(model: nn.Module, weights: Weights) -> dict[str, Any]:
+    try:
+        check_state_dict(model, weights.state_dict)
+    except CheckpointError:
+        saved, info = weights.meta.get("model_name"), getattr(model, "model_info", None)
+        if saved and info is not None and saved != info.name:  # a checkpoint of another model: say which
+            raise CheckpointError(
+                f"this is a checkpoint of {saved} (recorded in its meta), not of {info.name}: pass --model {saved}, "
+                "or leave --model out and it is taken from the checkpoint"
+            ) from None
+        raise
+    model.load_state_dict(weights.state_dict, strict=True)
+    return weights.meta
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, prefer_ema: bool = True,
                  model_name: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint into `model` strictly. Returns the checkpoint's metadata (may be empty).
-
-    `model_name` (the registry name being built): a checkpoint whose meta records another model is refused
-    with that name, instead of a list of mismatched keys."""
-    ckpt = read_checkpoint(path)
-    meta = ckpt.get("meta", {})
-    meta = meta if isinstance(meta, dict) else {}
-    saved = meta.get("model_name")
-    sd = extract_state_dict(ckpt, prefer_ema=prefer_ema)
-    try:
-        check_state_dict(model, sd)
-    except CheckpointError as e:
-        if saved and saved != model_name:
-            raise CheckpointError(
-                f"{path} is a checkpoint of {saved} (recorded in its meta), not of {model_name or 'this model'}: "
-                f"pass --model {saved}, or leave --model out and it is taken from the checkpoint"
-            ) from None
-        raise e from None
-    model.load_state_dict(sd, strict=True)
-    return meta
+    """Load a checkpoint (ours or official) into `model` strictly. Returns the checkpoint's metadata (may be
+    empty; for an official file it holds `source` and `preprocess`)."""
+    info = getattr(model, "model_info", None)
+    name = model_name or (info.name if info is not None else "")
+    return apply_weights(model, resolve_weights(path, name, model=model, prefer_ema=prefer_ema))

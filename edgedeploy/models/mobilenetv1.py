@@ -3,6 +3,9 @@
 The width multiplier scales every layer's channels. Published MACs are the paper's Table 6 at 224x224; the
 paper rounds parameters to 0.1M, so parameters come from the TF-slim model zoo table, which gives two decimals
 (its 1001-class head adds ~1k parameters, well inside the 1% check).
+
+`act="relu6"` gives timm's `mobilenetv1_*` (same layers and shapes, ReLU6 instead of the paper's ReLU); official
+timm checkpoints select it automatically (`edgedeploy/models/official/timm.py`).
 """
 
 from __future__ import annotations
@@ -21,24 +24,30 @@ _BLOCKS: tuple[tuple[int, int], ...] = (
 )  # fmt: skip
 
 
-class DepthwiseSeparable(nn.Sequential):
-    """3x3 depthwise conv + BN + ReLU, then 1x1 pointwise conv + BN + ReLU."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "relu6": nn.ReLU6}
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+
+class DepthwiseSeparable(nn.Sequential):
+    """3x3 depthwise conv + BN + act, then 1x1 pointwise conv + BN + act (act: ReLU, or ReLU6 for timm)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, act: type[nn.Module] = nn.ReLU):
         super().__init__(
-            Conv2dNormActivation(in_ch, in_ch, 3, stride=stride, groups=in_ch, activation_layer=nn.ReLU),
-            Conv2dNormActivation(in_ch, out_ch, 1, activation_layer=nn.ReLU),
+            Conv2dNormActivation(in_ch, in_ch, 3, stride=stride, groups=in_ch, activation_layer=act),
+            Conv2dNormActivation(in_ch, out_ch, 1, activation_layer=act),
         )
 
 
 class MobileNetV1(nn.Module):
-    def __init__(self, width: float = 1.0, num_classes: int = 1000, dropout: float = 0.0):
+    def __init__(self, width: float = 1.0, num_classes: int = 1000, dropout: float = 0.0, act: str = "relu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        act_layer = ACTIVATIONS[act]
         ch = int(32 * width)
-        layers: list[nn.Module] = [Conv2dNormActivation(3, ch, 3, stride=2, activation_layer=nn.ReLU)]
+        layers: list[nn.Module] = [Conv2dNormActivation(3, ch, 3, stride=2, activation_layer=act_layer)]
         for out, stride in _BLOCKS:
             out = int(out * width)
-            layers.append(DepthwiseSeparable(ch, out, stride))
+            layers.append(DepthwiseSeparable(ch, out, stride, act_layer))
             ch = out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -8,7 +8,9 @@ Written for clean export and FP16 engines:
 - attention is written out as MatMul -> Softmax -> MatMul and normalisation is `nn.LayerNorm`, which export to
   ONNX `Softmax` and opset-17 `LayerNormalization`: named ops an FP16 converter can keep in FP32
   (LayerNorm/Softmax overflow in FP16 is what breaks ViTs on TensorRT, NVIDIA/TensorRT#2709).
-Layer configuration follows apple/ml-cvnets `config/mobilevit.py`.
+Layer configuration follows apple/ml-cvnets `config/mobilevit.py`. The forward pass is the same as ml-cvnets' and
+timm's (`timm/models/mobilevit.py`): official checkpoints of both load by renaming alone and reproduce their logits
+to ~1e-7 (`edgedeploy/models/official/{cvnets,timm}.py`), so no architecture option is needed.
 """
 
 from __future__ import annotations
@@ -209,7 +211,7 @@ def _register(variant: str, params: float, macs: float, aliases: tuple[str, ...]
     register_model(
         name, task="classify", family="mobilevit", imgsz=256, aliases=aliases,
         published_params=params, published_macs=macs, source=_SOURCE,
-        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),  # ml-cvnets feeds RGB in [0, 1] with no normalisation
+        mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),  # ml-cvnets and timm: [0, 1], no normalisation
         extra={"macs_counter": "fvcore (adds BatchNorm/LayerNorm element ops)"},
     )(build)  # fmt: skip
 

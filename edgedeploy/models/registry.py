@@ -104,15 +104,30 @@ def create_model(
     weights: str | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Build a registered model. `weights` is a checkpoint path (ours or a torchvision state_dict)."""
+    """Build a registered model. `weights` is a checkpoint path: ours, a state dict in our layout (torchvision's),
+    or an official checkpoint of another project (`edgedeploy.models.official`), converted and loaded strictly.
+
+    The model gets `model.checkpoint_meta` (the checkpoint's metadata; for an official file its `source` and
+    `preprocess`, the original's input convention, which preprocessing must then follow)."""
     from edgedeploy.options import NUM_CLASSES
 
     info = get_model_info(name)
     num_classes = NUM_CLASSES.check_optional(num_classes, "num_classes")
-    model = info.builder(num_classes=num_classes if num_classes is not None else info.default_num_classes, **kwargs)
+    resolved = None
     if weights is not None:
-        from edgedeploy.models.checkpoint import load_weights
+        from edgedeploy.models.checkpoint import resolve_weights
 
-        load_weights(model, weights, model_name=info.name)
+        resolved = resolve_weights(weights, info.name)
+        kwargs = {**resolved.model_kwargs, **kwargs}
+        if num_classes is None and resolved.official:
+            num_classes = resolved.meta.get("num_classes")
+    model = info.builder(num_classes=num_classes if num_classes is not None else info.default_num_classes, **kwargs)
     model.model_info = info  # type: ignore[attr-defined]  (lets exporters/pipelines find task and preprocessing)
+    model.checkpoint_meta = {}  # type: ignore[attr-defined]
+    if resolved is not None:
+        from edgedeploy.models.checkpoint import apply_weights, resolve_weights
+
+        if not resolved.official and not resolved.meta:  # bare state dict: now the model decides our layout vs official
+            resolved = resolve_weights(weights, info.name, model=model)
+        model.checkpoint_meta = apply_weights(model, resolved)  # type: ignore[attr-defined]
     return model

@@ -6,6 +6,12 @@ Follows the paper and Megvii's reference implementation (megvii-model/ShuffleNet
 - a stride-2 unit concatenates a 3x3 average-pooled shortcut with the main branch, so the branch produces
   `out - in` channels; stride-1 units add the identity.
 Channel shuffle is a reshape/transpose/reshape, which exports to plain ONNX Reshape/Transpose.
+
+Shuffle placement (`shuffle=`): ours (`"before_dw"`, the paper's Fig. 2) shuffles between the first pointwise
+conv and the depthwise conv with `reshape(g, c // g)`. Megvii's released code (`"after_dw_inverse"`) shuffles
+after the depthwise conv with `reshape(c // g, g)`, the inverse permutation. Both give the same parameter and
+MAC counts, but for g8 no weight permutation turns one into the other, so official Megvii checkpoints are run
+with `shuffle="after_dw_inverse"` (and `classifier_bias=False`: their classifier has no bias).
 """
 
 from __future__ import annotations
@@ -31,16 +37,29 @@ STAGE_CHANNELS: dict[tuple[int, str], tuple[int, int, int, int]] = {
 }
 
 
+SHUFFLE_MODES = ("before_dw", "after_dw_inverse")
+
+
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     n, c, h, w = x.shape
     return x.reshape(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
 
 
+def channel_shuffle_inverse(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of `channel_shuffle` (Megvii's `reshape(c // g, g)` then swap)."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c // groups, groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
 class ShuffleUnit(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, groups: int, stride: int, group_first_conv: bool = True):
+    def __init__(
+        self, in_ch: int, out_ch: int, groups: int, stride: int, group_first_conv: bool = True,
+        shuffle: str = "before_dw",
+    ):  # fmt: skip
         super().__init__()
         self.stride = stride
         self.groups = groups
+        self.shuffle = shuffle
         mid = out_ch // 4
         branch_out = out_ch - in_ch if stride == 2 else out_ch
         self.reduce = nn.Sequential(
@@ -58,17 +77,24 @@ class ShuffleUnit(nn.Module):
         self.shortcut = nn.AvgPool2d(3, stride=2, padding=1) if stride == 2 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.reduce(x)
-        y = channel_shuffle(y, self.groups)
-        y = self.expand(self.depthwise(y))
+        if self.shuffle == "before_dw":
+            y = self.depthwise(channel_shuffle(self.reduce(x), self.groups))
+        else:
+            y = channel_shuffle_inverse(self.depthwise(self.reduce(x)), self.groups)
+        y = self.expand(y)
         if self.stride == 2:
             return torch.cat((self.shortcut(x), F.relu(y)), dim=1)
         return F.relu(x + y)
 
 
 class ShuffleNetV1(nn.Module):
-    def __init__(self, groups: int = 3, width: str = "1.0", num_classes: int = 1000):
+    def __init__(
+        self, groups: int = 3, width: str = "1.0", num_classes: int = 1000, shuffle: str = "before_dw",
+        classifier_bias: bool = True,
+    ):  # fmt: skip
         super().__init__()
+        if shuffle not in SHUFFLE_MODES:
+            raise ValueError(f"shuffle must be one of {SHUFFLE_MODES}, got {shuffle!r}")
         stem, *stages = STAGE_CHANNELS[(groups, width)]
         self.stem = nn.Sequential(
             nn.Conv2d(3, stem, 3, stride=2, padding=1, bias=False),
@@ -83,14 +109,15 @@ class ShuffleNetV1(nn.Module):
                 first = i == 0
                 units.append(
                     ShuffleUnit(
-                        ch, out, groups, stride=2 if first else 1, group_first_conv=not (first and stage_idx == 0)
-                    )
+                        ch, out, groups, stride=2 if first else 1, group_first_conv=not (first and stage_idx == 0),
+                        shuffle=shuffle,
+                    )  # fmt: skip
                 )
                 ch = out
         self.features = nn.Sequential(*units)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = ch
-        self.classifier = nn.Linear(ch, num_classes)
+        self.classifier = nn.Linear(ch, num_classes, bias=classifier_bias)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -102,7 +129,8 @@ class ShuffleNetV1(nn.Module):
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(self.stem(x))).flatten(1)

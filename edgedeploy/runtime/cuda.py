@@ -25,7 +25,8 @@ def _bindings():
         from cuda.bindings import driver, nvrtc, runtime
     except ImportError as e:  # pragma: no cover - depends on the install
         raise EdgeDeployError(
-            "cuda-python is not installed: `pip install 'edgedeploy[cuda]'` (cuda-python>=12.6) on the GPU machine"
+            "cuda-python is not installed: on the GPU machine `pip install 'edgedeploy[cuda13]'` (NVIDIA driver r580 "
+            "or newer) or `pip install 'edgedeploy[cuda12]'` (CUDA 12 drivers, JetPack 6); `deploy doctor` says which"
         ) from e
     return driver, runtime, nvrtc
 
@@ -64,6 +65,46 @@ def check(result: Any, call: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def bindings_major() -> int:
+    """The CUDA line of the installed cuda-python (`cuda.bindings.__version__` 13.x -> 13)."""
+    import cuda.bindings as cb
+
+    return int(str(getattr(cb, "__version__", "0")).split(".")[0] or 0)
+
+
+def extra_for_driver(driver_version: int) -> str:
+    """The pip extra matching a driver's CUDA version (`cudaDriverGetVersion`: 12060 = CUDA 12.6)."""
+    return "cuda13" if driver_version >= 13000 else "cuda12"
+
+
+def format_cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def cuda_line_problem(driver_version: int, line: int) -> str | None:
+    """None when a driver supporting CUDA `driver_version` can run the CUDA `line` (major) libraries; otherwise
+    the message saying which extra to install. CUDA's minor-version compatibility holds within one major line
+    only: a CUDA 12 driver refuses the CUDA 13 runtime and NVRTC 13's PTX (`.version 9.x`)."""
+    if driver_version <= 0:
+        return "no NVIDIA driver answered (cuDriverGetVersion gave 0): install the NVIDIA driver (`nvidia-smi` must work)"
+    if driver_version // 1000 >= line:
+        return None
+    need = extra_for_driver(driver_version)
+    return (f"the NVIDIA driver supports CUDA {format_cuda_version(driver_version)}, but the installed cuda-python/"
+            f"NVRTC are the CUDA {line} line, which this driver cannot run. Install the matching line: "
+            f"`pip install 'edgedeploy[{need}]'` (or upgrade the driver to r580+ for CUDA 13)")
+
+
+def driver_version() -> int:
+    """The CUDA version the installed driver supports (12060 = 12.6); raises CudaError without a driver."""
+    driver, _, _ = _bindings()
+    try:
+        result = driver.cuDriverGetVersion()
+    except Exception as e:  # cuda-bindings raises when libcuda.so itself is missing
+        raise CudaError(f"no NVIDIA driver on this machine: libcuda could not be loaded ({e})") from e
+    return int(check(result, "cuDriverGetVersion"))
+
+
 _init_lock = threading.Lock()
 _initialised = False
 _thread = threading.local()
@@ -83,7 +124,13 @@ def init(device: int = 0) -> None:
                 result = driver.cuInit(0)
             except Exception as e:  # cuda-bindings raises when libcuda.so itself is missing
                 raise CudaError(f"cuInit failed: no NVIDIA driver on this machine ({e})") from e
+            if int(result[0] if isinstance(result, tuple) else result) == int(driver.CUresult.CUDA_ERROR_NO_DEVICE):
+                raise CudaError("cuInit failed: CUDA_ERROR_NO_DEVICE: the NVIDIA driver sees no GPU (in Docker add "
+                                "`--gpus all`, on Jetson `--runtime nvidia`)")
             check(result, "cuInit")
+            problem = cuda_line_problem(driver_version(), bindings_major())
+            if problem:
+                raise CudaError(problem)
             _initialised = True
     if getattr(_thread, "device", None) != device:
         check(runtime.cudaSetDevice(device), f"cudaSetDevice({device})")
@@ -132,8 +179,8 @@ class Stream:
 
     def close(self) -> None:
         if getattr(self, "_wait_event", None) is not None:
-            self._rt.cudaEventDestroy(self._wait_event)
-            self._wait_event = None
+            ev, self._wait_event = self._wait_event, None
+            check(self._rt.cudaEventDestroy(ev), "cudaEventDestroy")
         if self.handle is not None:
             check(self._rt.cudaStreamDestroy(self.handle), "cudaStreamDestroy")
             self.handle = None
@@ -257,7 +304,10 @@ class CudaGraph:
         except CudaError as e:
             self.error = str(e)
             rt.cudaGetLastError()  # clear the sticky capture error so the plain path can run
-            self.reset()
+            try:
+                self.reset()
+            except CudaError as e2:  # keep the first error; the second is reported alongside it
+                self.error += f"; then {e2}"
             return False
 
     def launch(self, stream: Stream) -> None:
@@ -268,17 +318,45 @@ class CudaGraph:
         return self.exec is not None
 
     def reset(self) -> None:
-        if self.exec is not None:
-            self._rt.cudaGraphExecDestroy(self.exec)
-        if self.graph is not None:
-            self._rt.cudaGraphDestroy(self.graph)
-        self.graph = self.exec = None
+        exec_, graph = self.exec, self.graph
+        self.graph = self.exec = None  # cleared first: a failed destroy is reported once, never retried
+        if exec_ is not None:
+            check(self._rt.cudaGraphExecDestroy(exec_), "cudaGraphExecDestroy")
+        if graph is not None:
+            check(self._rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
 
 
 # ---- NVRTC ----------------------------------------------------------------------------------------------------
-def nvrtc_compile(source: str, name: str, arch: str, options: Sequence[str] = ()) -> bytes:
-    """Compile CUDA C++ to PTX (`arch` like 'compute_86'). Raises `CudaError` carrying NVRTC's log."""
+def _nvrtc():
+    """The NVRTC bindings, with a clear message when libnvrtc itself cannot be loaded."""
     _, _, nvrtc = _bindings()
+    try:
+        err = nvrtc.nvrtcVersion()[0]
+    except Exception as e:  # cuda-bindings raises when libnvrtc.so is missing
+        raise CudaError(
+            f"NVRTC (the run-time CUDA compiler) could not be loaded ({e}). Install it with the CUDA line of your "
+            "driver: `pip install 'edgedeploy[cuda13]'` or `'edgedeploy[cuda12]'` (`deploy doctor` says which)"
+        ) from e
+    check(err, "nvrtcVersion")
+    return nvrtc
+
+
+def nvrtc_version() -> tuple[int, int]:
+    nvrtc = _nvrtc()
+    major, minor = check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    return int(major), int(minor)
+
+
+def nvrtc_supported_archs() -> list[int]:
+    """Real architectures this NVRTC can compile for (e.g. [75, 80, ..., 120]); CUDA 13 dropped 72 (Xavier)."""
+    nvrtc = _nvrtc()
+    return [int(a) for a in check(nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs")]
+
+
+def nvrtc_compile(source: str, name: str, arch: str, options: Sequence[str] = ()) -> bytes:
+    """Compile CUDA C++ with NVRTC. `arch` 'compute_86' gives PTX, 'sm_86' a cubin (machine code for exactly that
+    GPU: no PTX JIT in the driver, so no PTX-version constraint). Raises `CudaError` carrying NVRTC's log."""
+    nvrtc = _nvrtc()
     prog = check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
     try:
         opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device"] + [o.encode() for o in options]
@@ -288,25 +366,73 @@ def nvrtc_compile(source: str, name: str, arch: str, options: Sequence[str] = ()
             log = b" " * size
             check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
             raise CudaError(f"nvrtcCompileProgram({name}, {arch}) failed:\n{log.decode(errors='replace').strip()}")
-        size = check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
-        ptx = b" " * size
-        check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-        return ptx
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+        if arch.startswith("sm_"):
+            size = check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+            image = b" " * size
+            check(nvrtc.nvrtcGetCUBIN(prog, image), "nvrtcGetCUBIN")
+        else:
+            size = check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+            image = b" " * size
+            check(nvrtc.nvrtcGetPTX(prog, image), "nvrtcGetPTX")
+    except BaseException:
+        nvrtc.nvrtcDestroyProgram(prog)  # the first error is the one to report
+        raise
+    check(nvrtc.nvrtcDestroyProgram(prog), "nvrtcDestroyProgram")
+    return image
+
+
+def target_for_device(cc: str, supported: Sequence[int], nvrtc: tuple[int, int] | int, driver_cuda: int) -> str:
+    """The NVRTC target for a GPU of compute capability `cc` ('8.7'): a cubin 'sm_87' when this NVRTC knows the
+    architecture (a cubin runs on any driver of the same CUDA major line); otherwise PTX for the newest architecture
+    below it (the driver JIT-compiles PTX forward), whose PTX ISA version only a driver at least as new as NVRTC
+    accepts (CUDA_ERROR_UNSUPPORTED_PTX_VERSION otherwise). Raises CudaError with the fix when neither works."""
+    nvrtc_major, nvrtc_minor = (nvrtc, 0) if isinstance(nvrtc, int) else (int(nvrtc[0]), int(nvrtc[1]))
+    want = int(cc.replace(".", ""))
+    if want in supported:
+        return f"sm_{want}"
+    lower = [a for a in supported if a < want]
+    if not lower:
+        need = "cuda12" if nvrtc_major >= 13 else "an older CUDA line"
+        raise CudaError(
+            f"this NVRTC (CUDA {nvrtc_major}) cannot compile for compute capability {cc} (it supports "
+            f"{', '.join(map(str, supported))}); install `edgedeploy[{need}]` for this GPU"
+        )
+    if driver_cuda // 1000 < nvrtc_major:
+        raise CudaError(cuda_line_problem(driver_cuda, nvrtc_major) or "driver too old for this NVRTC's PTX")
+    if driver_cuda < nvrtc_major * 1000 + nvrtc_minor * 10:
+        raise CudaError(
+            f"compute capability {cc} is newer than this NVRTC {nvrtc_major}.{nvrtc_minor} knows, so the kernel must "
+            f"be PTX, and the driver (CUDA {format_cuda_version(driver_cuda)}) cannot JIT PTX from a newer NVRTC. "
+            f"Install an NVRTC no newer than the driver (`pip install 'nvidia-cuda-nvrtc"
+            f"{'-cu12' if nvrtc_major == 12 else ''}<={format_cuda_version(driver_cuda)}.999'`) or update the driver"
+        )
+    return f"compute_{max(lower)}"
 
 
 class Kernel:
-    """A function from an NVRTC-compiled PTX module, launched with the driver API on a stream."""
+    """A function from an NVRTC-compiled module (cubin or PTX), launched with the driver API on a stream.
+    `close()` unloads the module."""
 
-    def __init__(self, ptx: bytes, function: str) -> None:
+    def __init__(self, image: bytes, function: str) -> None:
         driver, _, _ = _bindings()
         self._drv = driver
-        image = np.frombuffer(ptx if ptx.endswith(b"\0") else ptx + b"\0", dtype=np.uint8)  # NUL-terminated PTX
-        self.module = check(driver.cuModuleLoadData(image.ctypes.data), "cuModuleLoadData")
-        self.function = check(driver.cuModuleGetFunction(self.module, function.encode()),
-                              f"cuModuleGetFunction({function})")
+        self.module = None
+        if not image.startswith(b"\x7fELF") and not image.endswith(b"\0"):
+            image = image + b"\0"  # PTX is loaded as a NUL-terminated string; a cubin (ELF) as is
+        buf = np.frombuffer(image, dtype=np.uint8)
+        self.module = check(driver.cuModuleLoadData(buf.ctypes.data), "cuModuleLoadData")
+        try:
+            self.function = check(driver.cuModuleGetFunction(self.module, function.encode()),
+                                  f"cuModuleGetFunction({function})")
+        except CudaError:
+            self.close()
+            raise
         self.name = function
+
+    def close(self) -> None:
+        if self.module is not None:
+            module, self.module = self.module, None
+            check(self._drv.cuModuleUnload(module), "cuModuleUnload")
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], args: Sequence[tuple[Any, Any]],
                stream: Stream) -> None:

@@ -49,11 +49,36 @@ class Timing:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers the GPU pipeline; pipelines read these instead of branching on backend names.
+
+    device_buffers: the engine takes its input in a device buffer the pipeline writes (`device_input`) and runs
+        on it without a host copy (`execute`); its outputs can be read in place (`device_outputs`).
+    stream: the engine runs on `engine.stream` (a `runtime.cuda.Stream`); the pipeline's kernel is launched on
+        that same stream, so preprocessing -> inference -> post-processing are ordered without a host wait.
+    graph_capture: the engine can replay its inference as a CUDA graph (same input shape).
+    fp16_io: the input tensor is FP16 (the preprocessing kernel writes FP16).
+    """
+
+    device_buffers: bool = False
+    stream: bool = False
+    graph_capture: bool = False
+    fp16_io: bool = False
+
+
 class Engine(abc.ABC):
-    """A loaded model ready to run. Use as a context manager, or call `close()` when done."""
+    """A loaded model ready to run. Use as a context manager, or call `close()` when done.
+
+    Engines with `capabilities.device_buffers` also implement the device I/O protocol the GPU pipeline uses:
+    `device_input(shape) -> pointer`, `execute()`, `device_outputs()`, `fetch_outputs()`; `stream` and
+    `device_index` say where they run.
+    """
 
     backend: str = "abstract"
     device: str = "cpu"
+    device_index: int = 0
+    stream: Any = None
 
     def __init__(self) -> None:
         self.inputs: list[TensorSpec] = []
@@ -86,6 +111,28 @@ class Engine(abc.ABC):
     @property
     def input(self) -> TensorSpec:
         return self.inputs[0]
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(fp16_io=bool(self.inputs) and self.inputs[0].dtype == np.float16)
+
+    # ---- device I/O protocol (engines whose capabilities say device_buffers) -------------------------------------
+    def device_input(self, shape: tuple[int, ...]) -> int:
+        """Make the (first) input `shape` and return the device address the pipeline writes it to."""
+        raise EdgeDeployError(f"the {self.backend} backend on {self.device} has no device input buffer")
+
+    def execute(self) -> None:
+        """Run on the device input written since `device_input`, enqueued on `self.stream`."""
+        raise EdgeDeployError(f"the {self.backend} backend on {self.device} cannot run on device buffers")
+
+    def device_outputs(self) -> dict[str, Any]:
+        """The last `execute`'s outputs where they are (torch tensors or `__cuda_array_interface__` objects),
+        valid until the next `execute`."""
+        raise EdgeDeployError(f"the {self.backend} backend on {self.device} has no device outputs")
+
+    def fetch_outputs(self) -> dict[str, np.ndarray]:
+        """The last `execute`'s outputs copied to host arrays (waits for them)."""
+        raise EdgeDeployError(f"the {self.backend} backend on {self.device} has no device outputs")
 
     # ---- validation ---------------------------------------------------------------------------------------
     def validate(self, feed: np.ndarray | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -176,6 +223,10 @@ def load_engine(
         from edgedeploy.runtime.backends.tensorrt import TensorRTEngine
 
         return TensorRTEngine(path, cuda_graph=cuda_graph)
+    if kind == "onnxruntime-cuda" or (kind == "onnxruntime" and device and device.startswith("cuda") and not providers):
+        from edgedeploy.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaEngine
+
+        return OnnxRuntimeCudaEngine(path, device_index=device_index(device))
     if kind == "onnxruntime":
         from edgedeploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
 
@@ -183,5 +234,16 @@ def load_engine(
     if kind == "torch":
         from edgedeploy.runtime.backends.torch import TorchEngine
 
-        return TorchEngine.from_checkpoint(path, model=model, device=device, num_classes=num_classes, imgsz=imgsz)
-    raise EdgeDeployError(f"unknown backend {kind!r}: choose tensorrt, onnxruntime or torch")
+        return TorchEngine.from_checkpoint(path, model=model, device=device, num_classes=num_classes, imgsz=imgsz,
+                                           cuda_graph=cuda_graph)
+    raise EdgeDeployError(f"unknown backend {kind!r}: choose tensorrt, onnxruntime, onnxruntime-cuda or torch")
+
+
+def device_index(device: str | None) -> int:
+    """'cuda' -> 0, 'cuda:1' -> 1; anything else 0."""
+    if device and device.startswith("cuda:"):
+        try:
+            return int(device.split(":", 1)[1])
+        except ValueError as e:
+            raise EdgeDeployError(f"device {device!r}: expected cuda or cuda:N") from e
+    return 0

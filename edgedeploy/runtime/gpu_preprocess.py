@@ -20,8 +20,9 @@ from edgedeploy.runtime import cuda
 from edgedeploy.runtime.kernels import PREPROCESS_SOURCE
 
 
-def letterbox_geometry(src_h: int, src_w: int, dst_h: int, dst_w: int, letterbox: bool):
-    """(scale, (pad_x, pad_y), (new_h, new_w)) exactly as the CPU reference computes them.
+def letterbox_geometry(src_h: int, src_w: int, dst_h: int, dst_w: int, letterbox: bool, align: str = "center"):
+    """(scale, (pad_x, pad_y), (new_h, new_w)) exactly as the CPU reference computes them. `align="topleft"`
+    pads right/bottom only (YOLOX's convention), so the padding offset is (0, 0).
 
     Without letterbox the frame is stretched to the input size; the "scale" is then per axis and returned as
     (sx, sy) so boxes can still be mapped back.
@@ -30,13 +31,70 @@ def letterbox_geometry(src_h: int, src_w: int, dst_h: int, dst_w: int, letterbox
         return (dst_w / src_w, dst_h / src_h), (0, 0), (dst_h, dst_w)
     scale = min(dst_h / src_h, dst_w / src_w)
     new_h, new_w = int(round(src_h * scale)), int(round(src_w * scale))
-    return scale, ((dst_w - new_w) // 2, (dst_h - new_h) // 2), (new_h, new_w)
+    pad = (0, 0) if align == "topleft" else ((dst_w - new_w) // 2, (dst_h - new_h) // 2)
+    return scale, pad, (new_h, new_w)
 
 
 @functools.lru_cache(maxsize=8)
 def compile_preprocess_ptx(arch: str) -> bytes:
-    """PTX for `arch` ('compute_86'); cached per process (NVRTC takes ~0.1-0.3 s)."""
+    """The kernel compiled for `arch` ('compute_86' PTX, 'sm_86' cubin); cached per process (NVRTC ~0.1-0.3 s)."""
     return cuda.nvrtc_compile(PREPROCESS_SOURCE, "preprocess.cu", arch)
+
+
+def compile_for_device(device: int = 0) -> bytes:
+    """The kernel for this GPU: a cubin for its exact architecture when this NVRTC knows it, else PTX this
+    driver's JIT accepts (`cuda.target_for_device` says why not, with the fix, when neither is possible)."""
+    cc = cuda.compute_capability(device)
+    target = cuda.target_for_device(cc, cuda.nvrtc_supported_archs(), cuda.nvrtc_version(), cuda.driver_version())
+    return compile_preprocess_ptx(target)
+
+
+BLOCK = (32, 8, 1)
+
+
+def launch_config(dst_h: int, dst_w: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, block) of one launch: one thread per output pixel, one frame per launch."""
+    return ((dst_w + BLOCK[0] - 1) // BLOCK[0], (dst_h + BLOCK[1] - 1) // BLOCK[1], 1), BLOCK
+
+
+def kernel_args(src_ptr: int, h: int, w: int, pitch: int, c: int, out_ptr: int, dst_h: int, dst_w: int,
+                new_hw: tuple[int, int], pad: tuple[int, int], pad_value: float, mean: Sequence[float],
+                inv_std: Sequence[float], bgr: bool = False) -> list[tuple[Any, Any]]:
+    """The kernel's parameters as (value, ctypes type), in `PREPROCESS_SOURCE`'s order. `bgr` keeps the frame's
+    channel order (models trained on BGR input); otherwise the kernel writes RGB."""
+    i32, f32, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    return [
+        (src_ptr, ptr), (h, i32), (w, i32), (pitch, i32), (c, i32),
+        (out_ptr, ptr), (dst_h, i32), (dst_w, i32),
+        (new_hw[0], i32), (new_hw[1], i32), (pad[0], i32), (pad[1], i32),
+        (float(pad_value), f32),
+        *[(float(m), f32) for m in mean], *[(float(s), f32) for s in inv_std], (int(bool(bgr)), i32),
+    ]
+
+
+class GpuPreprocessFallbackWarning(RuntimeWarning):
+    """GPU preprocessing could not start on this machine; the pipeline preprocesses on the CPU instead."""
+
+
+def _torch_stream(frame: Any) -> Any:
+    """torch's current stream on the frame's device when `frame` is a CUDA torch tensor, else None."""
+    if type(frame).__module__.split(".")[0] != "torch" or not getattr(frame, "is_cuda", False):
+        return None
+    import torch
+
+    return torch.cuda.current_stream(frame.device)
+
+
+def producer_stream(frame: Any, cai: dict) -> int | None:
+    """The raw stream handle whose queued work may still be writing `frame`, or None when nothing to wait for.
+
+    `__cuda_array_interface__` v3 (CuPy, Numba) names it in "stream" (1 = legacy default, 2 = per-thread default).
+    torch exports v2 without that key: its producer is torch's current stream on the frame's device."""
+    stream = cai.get("stream")
+    if stream is not None:
+        return int(stream)
+    ts = _torch_stream(frame)
+    return int(ts.cuda_stream) if ts is not None else None
 
 
 def _frame_layout(shape: Sequence[int], dtype: Any) -> tuple[int, int, int]:
@@ -62,20 +120,35 @@ class GpuPreprocessor:
         fp16: bool = False,
         stream: cuda.Stream | None = None,
         device: int = 0,
+        channel_order: str = "rgb",
+        scale: float = 1 / 255,
+        letterbox_align: str = "center",
+        pad_value: int = LETTERBOX_PAD,
     ) -> None:
         cuda.init(device)
         self.device = device
         self.dst_h, self.dst_w = dst_hw
-        self.mean = [float(m) for m in mean]
-        self.inv_std = [1.0 / float(s) for s in std]
+        k = float(scale) * 255.0  # the kernel divides by 255: fold the model's pixel scale into mean/std
+        self.mean = [float(m) / k for m in mean]
+        self.inv_std = [k / float(s) for s in std]
         self.letterbox = letterbox
+        self.bgr = channel_order == "bgr"
+        self.topleft = letterbox_align == "topleft"
+        self.pad_value = float(pad_value)
         self.fp16 = fp16
+        self.kernel: Any = None
+        self._staged: Any = None
+        self._own_stream = stream is None
         self.stream = stream or cuda.Stream()
-        cc = cuda.compute_capability(device).replace(".", "")
-        self.kernel = cuda.Kernel(compile_preprocess_ptx(f"compute_{cc}"), "preprocess_f16" if fp16 else "preprocess_f32")
         self._staging_host: cuda.PinnedBuffer | None = None
         self._staging_dev: cuda.DeviceBuffer | None = None
-        self._staged = cuda.Event()  # recorded after each H2D copy out of the pinned staging buffer
+        self._torch_consumer: Any = None  # our stream as a torch stream, for `record_stream`
+        try:
+            self.kernel = cuda.Kernel(compile_for_device(device), "preprocess_f16" if fp16 else "preprocess_f32")
+            self._staged = cuda.Event()  # recorded after each H2D copy out of the pinned staging buffer
+        except BaseException:
+            self.close()  # nothing half-made stays behind: module unloaded, own stream destroyed
+            raise
 
     @property
     def out_itemsize(self) -> int:
@@ -108,27 +181,35 @@ class GpuPreprocessor:
             if strides and len(strides) == 3 and strides[1:] != (c, 1):
                 raise InputError("GPU frame must be contiguous within each row (HWC, channels last)")
             src_ptr = int(cai["data"][0])
-            if cai.get("stream") is not None:  # the producer (e.g. torch) may still be writing the frame
-                self.stream.wait_for(cai["stream"])
+            producer = producer_stream(frame, cai)
+            if producer is not None:  # the producer (torch, CuPy, a decoder) may still be writing the frame
+                self.stream.wait_for(producer)
         else:
             frame = np.asarray(frame)
             h, w, c = _frame_layout(frame.shape, frame.dtype)
             pitch = w * c
             src_ptr = self._stage(frame)
-        scale, (pad_x, pad_y), (new_h, new_w) = letterbox_geometry(h, w, self.dst_h, self.dst_w, self.letterbox)
+        scale, (pad_x, pad_y), (new_h, new_w) = letterbox_geometry(h, w, self.dst_h, self.dst_w, self.letterbox,
+                                                                    "topleft" if self.topleft else "center")
         out_ptr = dst_ptr + batch_index * 3 * self.dst_h * self.dst_w * self.out_itemsize
-        block = (32, 8, 1)
-        grid = ((self.dst_w + 31) // 32, (self.dst_h + 7) // 8, 1)
-        i32, f32, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-        args = [
-            (src_ptr, ptr), (h, i32), (w, i32), (pitch, i32), (c, i32),
-            (out_ptr, ptr), (self.dst_h, i32), (self.dst_w, i32),
-            (new_h, i32), (new_w, i32), (pad_x, i32), (pad_y, i32),
-            (float(LETTERBOX_PAD if self.letterbox else 0), f32),
-            *[(m, f32) for m in self.mean], *[(s, f32) for s in self.inv_std],
-        ]
+        grid, block = launch_config(self.dst_h, self.dst_w)
+        args = kernel_args(src_ptr, h, w, pitch, c, out_ptr, self.dst_h, self.dst_w, (new_h, new_w), (pad_x, pad_y),
+                           self.pad_value if self.letterbox else 0.0, self.mean, self.inv_std, bgr=self.bgr)
         self.kernel.launch(grid, block, args, self.stream)
+        if cai is not None:
+            self._keep_alive(frame)
         return scale, (pad_x, pad_y)
+
+    def _keep_alive(self, frame: Any) -> None:
+        """Tell torch's caching allocator that our stream uses the frame, so its memory is not handed out again
+        before the kernel has read it (the frame may be freed by the caller right after this call)."""
+        if _torch_stream(frame) is None:
+            return
+        import torch
+
+        if self._torch_consumer is None:
+            self._torch_consumer = torch.cuda.ExternalStream(self.stream.ptr, device=frame.device)
+        frame.record_stream(self._torch_consumer)
 
     def close_staging(self) -> None:
         if self._staging_host is not None:
@@ -138,6 +219,18 @@ class GpuPreprocessor:
         self._staging_host = self._staging_dev = None
 
     def close(self) -> None:
+        """Wait for queued work, then free the staging buffers, the event, the kernel's module and, when this
+        preprocessor created it, the stream. Safe to call twice."""
+        if self.stream is None:
+            return
         self.stream.synchronize()
         self.close_staging()
-        self._staged.close()
+        if self._staged is not None:
+            self._staged.close()
+            self._staged = None
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
+        if self._own_stream:
+            self.stream.close()
+        self.stream = None

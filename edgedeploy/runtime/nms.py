@@ -25,6 +25,16 @@ def as_torch(x: Any, device: str | None = None):
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+def boxes_to_frame(boxes: Any, scale: Any, pad: tuple[float, float], h: int, w: int) -> np.ndarray:
+    """xyxy boxes in input-tensor pixels -> original frame pixels, clipped to the frame: undo the letterbox
+    (`scale` a float) or the stretch (`scale` = (sx, sy)) that `letterbox_geometry` describes."""
+    boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+    sx, sy = (scale, scale) if np.isscalar(scale) else scale
+    boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - pad[0]) / sx).clip(0, w)
+    boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - pad[1]) / sy).clip(0, h)
+    return boxes
+
+
 def batched_detections(
     boxes: Any,
     scores: Any,

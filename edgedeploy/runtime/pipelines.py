@@ -4,14 +4,18 @@ frame's pixels.
     det = Detector("yolox_s.fp16.engine")          # or .onnx, or Detector.from_model("yolox_s", weights=...)
     dets = det(frame_bgr)                           # Detections(boxes [K,4] xyxy px, scores [K], classes [K])
 
-Preprocessing, normalisation and output layout come from the artifact's sidecar. On a TensorRT engine the
-frame is preprocessed by the NVRTC kernel straight into the engine's input buffer; elsewhere by the CPU
-reference in `edgedeploy.data.preprocess`.
+Preprocessing, normalisation and output layout come from the artifact's sidecar. On every engine whose
+capabilities say it takes device buffers (TensorRT, PyTorch on CUDA, ONNX Runtime CUDA) there is one GPU path:
+frame (host array, or device array through `__cuda_array_interface__`/DLPack) -> the NVRTC preprocessing kernel
+into the engine's input buffer -> inference -> GPU decode/NMS -> results, all on the engine's stream. Elsewhere
+the CPU reference in `edgedeploy.data.preprocess`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -91,6 +95,14 @@ def _meta_from_model(model: Any, imgsz: int | None) -> ArtifactMeta:
     size = imgsz or info.imgsz
     meta = ArtifactMeta(model=info.name, task=info.task, input_shape=["batch", 3, size, size], mean=list(info.mean),
                         std=list(info.std), letterbox=info.letterbox, builder="torch")
+    from edgedeploy.data.preprocess import InputConvention
+
+    ckpt_meta = getattr(model, "checkpoint_meta", None) or {}
+    if ckpt_meta.get("preprocess"):  # official weights (or fine-tuned from them): the original's convention
+        meta.set_convention(InputConvention.from_dict(ckpt_meta["preprocess"]))
+        meta.source = str(ckpt_meta.get("source", ""))
+    if ckpt_meta.get("class_names"):
+        meta.class_names = [str(c) for c in ckpt_meta["class_names"]]
     if info.task == "detect":
         meta.postprocess = {"nms": "none", "max_det": 100}
     return meta
@@ -138,13 +150,35 @@ class _Pipeline:
             self.imgsz = (int(meta.input_shape[-2]), int(meta.input_shape[-1]))
         self.names = list(meta.class_names)
         self.input_dtype = self.engine.input.dtype
-        self.gpu_pre = None
-        if self.engine.backend == "tensorrt" and gpu_preprocess is not False:
-            from edgedeploy.runtime.gpu_preprocess import GpuPreprocessor
+        self.gpu_pre = self._gpu_preprocessor(gpu_preprocess)
 
-            self.gpu_pre = GpuPreprocessor(self.imgsz, meta.mean, meta.std, letterbox=meta.letterbox,
-                                           fp16=self.input_dtype == np.float16,
-                                           stream=self.engine.stream)  # type: ignore[attr-defined]
+    def _gpu_preprocessor(self, wanted: bool | None) -> Any:
+        """The NVRTC preprocessor on the engine's stream when the engine takes device buffers (None: the CPU path).
+        `wanted=None` falls back to CPU preprocessing with one warning when the GPU path cannot start;
+        `wanted=True` makes that an error."""
+        caps = self.engine.capabilities
+        if wanted is False or not caps.device_buffers:
+            if wanted and not caps.device_buffers:
+                raise EdgeDeployError(f"gpu_preprocess=True, but the {self.engine.backend} backend on "
+                                      f"{self.engine.device} takes no device buffers")
+            return None
+        from edgedeploy.runtime.gpu_preprocess import GpuPreprocessFallbackWarning, GpuPreprocessor
+
+        conv = self.meta.convention()
+        try:
+            if conv.resize == "shorter_crop" or conv.interpolation != "linear":  # what the kernel implements
+                raise EdgeDeployError(f"the GPU kernel implements bilinear resize/letterbox, not this model's input "
+                                      f"convention (resize={conv.resize}, interpolation={conv.interpolation})")
+            stream = self.engine.stream if caps.stream else None  # PyTorch creates its stream on first use
+            return GpuPreprocessor(self.imgsz, conv.mean, conv.std, letterbox=conv.letterbox, fp16=caps.fp16_io,
+                                   stream=stream, device=self.engine.device_index, channel_order=conv.channel_order,
+                                   scale=conv.scale, letterbox_align=conv.letterbox_align, pad_value=conv.pad_value)
+        except EdgeDeployError as e:  # CudaError included: NVRTC missing, driver older than the CUDA line, ...
+            if wanted:
+                raise
+            warnings.warn(f"GPU preprocessing is unavailable, preprocessing on the CPU instead: {e}",
+                          GpuPreprocessFallbackWarning, stacklevel=3)
+            return None
 
     @classmethod
     def from_model(cls, model: Any, *, weights: str | None = None, imgsz: int | None = None, num_classes: int | None = None,
@@ -158,13 +192,15 @@ class _Pipeline:
             model = create_model(model, num_classes=num_classes, weights=weights)
         meta = meta or _meta_from_model(model, imgsz)
         size = (int(meta.input_shape[-2]), int(meta.input_shape[-1]))
-        engine = TorchEngine(model, input_shape=(DYNAMIC, 3, *size), input_name=meta.input_name, device=device)
+        engine = TorchEngine(model, input_shape=(DYNAMIC, 3, *size), input_name=meta.input_name, device=device,
+                             cuda_graph=kwargs.pop("cuda_graph", False), device_io=kwargs.pop("device_io", None))
         return cls(engine, meta=meta, **kwargs)
 
     # ---- preprocessing ------------------------------------------------------------------------------------------
-    def _geometry(self, frame: np.ndarray) -> _Geometry:
-        h, w = frame.shape[:2]
-        scale, pad, new_hw = letterbox_geometry(h, w, *self.imgsz, self.meta.letterbox)
+    def _geometry(self, frame: Any) -> _Geometry:
+        h, w = _frame_hw(frame)
+        scale, pad, new_hw = letterbox_geometry(h, w, *self.imgsz, self.meta.letterbox,
+                                                self.meta.convention().letterbox_align)
         return _Geometry(h, w, scale, pad, new_hw)
 
     def preprocess(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, list[_Geometry]]:
@@ -173,8 +209,7 @@ class _Pipeline:
 
         batch, geoms = [], []
         for f in frames:
-            x, _, _ = to_input_tensor(f, self.imgsz, self.meta.mean, self.meta.std, letterboxed=self.meta.letterbox,
-                                      dtype=self.input_dtype)
+            x, _, _ = to_input_tensor(f, self.imgsz, dtype=self.input_dtype, convention=self.meta.convention())
             batch.append(x)
             geoms.append(self._geometry(f))
         return np.concatenate(batch, axis=0), geoms
@@ -191,7 +226,7 @@ class _Pipeline:
         x, geoms = self.preprocess(frames)
         parts: list[dict[str, Any]] = []
         for sl in self._chunks(len(frames)):
-            if self.engine.backend == "torch":
+            if hasattr(self.engine, "infer_torch"):  # PyTorch: outputs stay on the model's device for the NMS
                 import torch
 
                 parts.append(self.engine.infer_torch(torch.from_numpy(x[sl])))  # type: ignore[attr-defined]
@@ -199,29 +234,45 @@ class _Pipeline:
                 parts.append(self.engine.infer(x[sl]))
         return _concat(parts), geoms
 
-    def _forward_gpu(self, frames: Sequence[np.ndarray]) -> tuple[dict[str, Any], list[_Geometry]]:
-        eng: Any = self.engine
-        name = eng.input.name
+    def _forward_gpu(self, frames: Sequence[Any]) -> tuple[dict[str, Any], list[_Geometry]]:
+        """The one GPU path, for every engine with device buffers: kernel -> engine input buffer -> execute, all
+        enqueued on the engine's stream (the preprocessor was created on it), chunked by the engine's max batch."""
+        eng = self.engine
         geoms = [self._geometry(f) for f in frames]
+        chunks = self._chunks(len(frames))
         parts = []
-        for sl in self._chunks(len(frames)):
+        for sl in chunks:
             chunk = frames[sl]
-            eng.set_input_shapes({name: (len(chunk), 3, *self.imgsz)})
+            ptr = eng.device_input((len(chunk), 3, *self.imgsz))
             for i, f in enumerate(chunk):
-                self.gpu_pre(f, eng.device_buffers[name].ptr, i)
+                self.gpu_pre(f, ptr, i)
             eng.execute()
-            parts.append(self._collect_trt(eng))
+            parts.append(self._collect(copy=len(chunks) > 1))
         return _concat(parts), geoms
 
-    def _collect_trt(self, eng: Any) -> dict[str, Any]:
-        """Outputs of a TensorRT run. Candidate boxes/scores for runtime NMS stay on the GPU as torch tensors
-        (zero-copy views, cloned because the next chunk reuses the buffers); everything else comes to the host."""
-        if self.task == "detect" and self.meta.postprocess.get("nms", "none") == "none" and _torch_cuda():
-            import torch
+    def _collect(self, copy: bool) -> dict[str, Any]:
+        """Outputs of a device run. Candidate boxes/scores for runtime NMS stay on the device (torch tensors,
+        zero-copy views; copied on the device when another chunk will reuse the buffers); everything else comes
+        to the host."""
+        outs_on_device = _torch_cuda() or not self.engine.device.startswith("cuda")  # torch must see the memory
+        if self.task == "detect" and self.meta.postprocess.get("nms", "none") == "none" and outs_on_device:
+            from edgedeploy.runtime.nms import as_torch
 
-            eng.stream.synchronize()  # torch works on its own stream: the engine's results must be complete
-            return {k: torch.as_tensor(v, device="cuda").clone() for k, v in eng.device_outputs().items()}
-        return eng.fetch_outputs()
+            outs = {k: v if isinstance(v, np.ndarray) else as_torch(v, f"cuda:{self.engine.device_index}")
+                    for k, v in self.engine.device_outputs().items()}
+            return {k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in outs.items()} if copy else outs
+        return self.engine.fetch_outputs()
+
+    def _stream_ctx(self) -> Any:
+        """Torch work of the GPU path (decode, NMS, the final copy to the host) on the engine's stream, so it is
+        ordered after inference without a host wait."""
+        stream = self.engine.stream if self.gpu_pre is not None else None
+        if stream is None or not _torch_cuda():
+            return contextlib.nullcontext()
+        import torch
+
+        dev = torch.device("cuda", self.engine.device_index)
+        return torch.cuda.stream(torch.cuda.ExternalStream(int(stream.ptr), device=dev))
 
     def __call__(self, frame: np.ndarray):
         return self.predict_batch([frame])[0]
@@ -230,16 +281,29 @@ class _Pipeline:
         if len(frames) == 0:
             return []
         frames = [self._check_frame(f) for f in frames]
-        outs, geoms = self.forward(frames)
-        return self.postprocess(outs, geoms)
+        with self._stream_ctx():
+            outs, geoms = self.forward(frames)
+            return self.postprocess(outs, geoms)
 
     def _check_frame(self, frame: Any) -> Any:
-        if hasattr(frame, "__cuda_array_interface__"):
-            if self.gpu_pre is None:
-                raise InputError("a frame on the GPU needs a TensorRT engine with GPU preprocessing; for this "
-                                 f"{self.engine.backend} pipeline pass a host array (e.g. `frame.cpu().numpy()`)")
-            return frame  # read in place by the kernel, which also handles gray/BGRA and checks the dtype
-        return as_bgr(frame)
+        kind = _frame_location(frame)
+        if kind == "host":
+            return as_bgr(frame)
+        if self.gpu_pre is None:
+            raise InputError(
+                f"a frame on the GPU needs a GPU backend with GPU preprocessing (TensorRT, PyTorch CUDA, ONNX Runtime "
+                f"CUDA); for this {self.engine.backend} pipeline on {self.engine.device} pass a host array "
+                "(e.g. `frame.cpu().numpy()`)")
+        dev = _frame_device(frame)
+        if dev is not None and dev != self.engine.device_index:
+            raise InputError(
+                f"the frame is on GPU {dev}, the engine runs on GPU {self.engine.device_index}; move the frame "
+                f"(`frame.to('cuda:{self.engine.device_index}')`) or open the engine on device cuda:{dev}")
+        if kind == "dlpack":  # DLPack-only producers (JAX, ...): torch wraps it without a copy and exposes the CAI
+            import torch
+
+            frame = torch.from_dlpack(frame)
+        return frame  # read in place by the kernel, which also handles gray/BGRA and checks the dtype
 
     def postprocess(self, outs: dict[str, Any], geoms: list[_Geometry]) -> list[Any]:
         raise NotImplementedError
@@ -269,6 +333,50 @@ def _concat(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
             out[k] = torch.cat(vals, dim=0)
     return out
+
+
+# DLPack device types: 1 CPU, 2 CUDA, 3 CUDA pinned host memory, 13 CUDA managed.
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+
+
+def _frame_location(frame: Any) -> str:
+    """'host' (numpy, CPU tensors), 'cai' (exposes __cuda_array_interface__) or 'dlpack' (a CUDA DLPack producer)."""
+    if isinstance(frame, np.ndarray):
+        return "host"
+    if hasattr(frame, "__cuda_array_interface__"):
+        return "cai"
+    dl = getattr(frame, "__dlpack_device__", None)
+    if dl is not None:
+        try:
+            dev_type = int(dl()[0])
+        except Exception:  # noqa: BLE001 - not a usable DLPack producer: treat as a host array
+            return "host"
+        return "dlpack" if dev_type in (_DL_CUDA, _DL_CUDA_MANAGED) else "host"
+    return "host"
+
+
+def _frame_device(frame: Any) -> int | None:
+    """GPU ordinal of a device frame, when it says (DLPack device, torch/cupy device), else None."""
+    dl = getattr(frame, "__dlpack_device__", None)
+    if dl is not None:
+        try:
+            dev_type, dev_id = dl()
+            if int(dev_type) in (_DL_CUDA, _DL_CUDA_MANAGED):
+                return int(dev_id)
+        except Exception:  # noqa: BLE001
+            pass
+    dev = getattr(frame, "device", None)
+    for attr in ("index", "id"):  # torch.device.index, cupy.cuda.Device.id
+        v = getattr(dev, attr, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _frame_hw(frame: Any) -> tuple[int, int]:
+    cai = getattr(frame, "__cuda_array_interface__", None)
+    shape = cai["shape"] if cai is not None else frame.shape
+    return int(shape[0]), int(shape[1])
 
 
 def _torch_cuda() -> bool:
@@ -323,33 +431,41 @@ class Detector(_Pipeline):
         return [self._to_frame(rows, g) for rows, g in zip(rows_per_image, geoms)]
 
     def _final_rows(self, outs: dict[str, Any]) -> list[np.ndarray]:
-        """Per image an array [K, 6] (x1, y1, x2, y2, score, class) in input-tensor pixels."""
-        if "num_dets" in outs or len(outs) == 4:  # NMS inside the engine: fixed-size padded outputs
-            num = _to_numpy(_pick(outs, ("num_dets", "num_detections"), 0)).reshape(-1)
-            boxes = _to_numpy(_pick(outs, ("boxes", "det_boxes", "detection_boxes"), 1))
-            scores = _to_numpy(_pick(outs, ("scores", "det_scores", "detection_scores"), 2))
-            classes = _to_numpy(_pick(outs, ("classes", "det_classes", "detection_classes"), 3))
-            rows = []
-            for i, n in enumerate(num.tolist()):
-                n = min(int(n), self.max_det)
-                keep = scores[i, :n] > self.conf_thres
-                rows.append(np.concatenate([boxes[i, :n][keep], scores[i, :n][keep, None],
-                                            classes[i, :n][keep, None].astype(np.float32)], axis=1))
-            return rows
-        from edgedeploy.runtime.nms import batched_detections
-
-        boxes = _pick(outs, ("boxes",), 0)
-        scores = _pick(outs, ("scores",), 1)
-        dets = batched_detections(boxes, scores, conf_thres=self.conf_thres, iou_thres=self.iou_thres,
-                                  max_det=self.max_det, agnostic=self.agnostic)
-        return [_to_numpy(d) for d in dets]  # only the final detections leave the device
+        return detection_rows(outs, conf_thres=self.conf_thres, iou_thres=self.iou_thres, max_det=self.max_det,
+                              agnostic=self.agnostic)
 
     def _to_frame(self, rows: np.ndarray, g: _Geometry) -> Detections:
-        boxes = rows[:, :4].astype(np.float32).copy()
-        sx, sy = (g.scale, g.scale) if np.isscalar(g.scale) else g.scale
-        boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - g.pad[0]) / sx).clip(0, g.w)
-        boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - g.pad[1]) / sy).clip(0, g.h)
+        from edgedeploy.runtime.nms import boxes_to_frame
+
+        boxes = boxes_to_frame(rows[:, :4], g.scale, g.pad, g.h, g.w)
         return Detections(boxes, rows[:, 4].astype(np.float32), rows[:, 5].astype(np.int64), self.names)
+
+
+def detection_rows(outs: dict[str, Any], *, conf_thres: float, iou_thres: float, max_det: int,
+                   agnostic: bool = False) -> list[np.ndarray]:
+    """A detector's outputs -> per image an array [K, 6] (x1, y1, x2, y2, score, class) in input-tensor pixels:
+    NMS inside the engine (num_dets + padded boxes/scores/classes: read the first num_dets) or candidates
+    (boxes [B,N,4], scores [B,N,C]: `runtime.nms.batched_detections` on their device). Also the Triton
+    postprocess step's."""
+    if "num_dets" in outs or len(outs) == 4:  # NMS inside the engine: fixed-size padded outputs
+        num = _to_numpy(_pick(outs, ("num_dets", "num_detections"), 0)).reshape(-1)
+        boxes = _to_numpy(_pick(outs, ("boxes", "det_boxes", "detection_boxes"), 1))
+        scores = _to_numpy(_pick(outs, ("scores", "det_scores", "detection_scores"), 2))
+        classes = _to_numpy(_pick(outs, ("classes", "det_classes", "detection_classes"), 3))
+        rows = []
+        for i, n in enumerate(num.tolist()):
+            n = min(int(n), max_det)
+            keep = scores[i, :n] > conf_thres
+            rows.append(np.concatenate([boxes[i, :n][keep], scores[i, :n][keep, None],
+                                        classes[i, :n][keep, None].astype(np.float32)], axis=1))
+        return rows
+    from edgedeploy.runtime.nms import batched_detections
+
+    boxes = _pick(outs, ("boxes",), 0)
+    scores = _pick(outs, ("scores",), 1)
+    dets = batched_detections(boxes, scores, conf_thres=conf_thres, iou_thres=iou_thres,
+                              max_det=max_det, agnostic=agnostic)
+    return [_to_numpy(d) for d in dets]  # only the final detections leave the device
 
 
 class Segmenter(_Pipeline):

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from edgedeploy.data.sources import describe_layout, record_data
 from edgedeploy.errors import CheckpointError, DatasetError, EdgeDeployError
 from edgedeploy.train.common import (
     MetricsLogger,
@@ -306,10 +307,13 @@ def train_classifier(
         "weight_decay": cfg["weight_decay"], "label_smoothing": label_smoothing, "ema": bool(ema),
         "warmup_epochs": warmup_epochs, "num_classes": num_classes,
     }
+    from edgedeploy.data.preprocess import InputConvention
+
     meta = {
         "model_name": info.name, "task": "classify", "num_classes": len(class_names), "class_names": class_names,
-        "imgsz": cfg["imgsz"], "mean": list(info.mean), "std": list(info.std), "data": str(data_root),
+        "imgsz": cfg["imgsz"], "mean": list(info.mean), "std": list(info.std), **record_data(data, data_root),
         "train_args": train_args,
+        "preprocess": InputConvention.from_info(info).to_dict(),  # the input convention travels with the weights
     }
 
     start_epoch, best_top1 = 0, -1.0
@@ -323,6 +327,9 @@ def train_classifier(
         logger.truncate(start_epoch)
         print(f"resuming {resume_path} at epoch {start_epoch + 1}/{cfg['epochs']}")
 
+    print(f"data: {Path(data_root).resolve()} ({describe_layout(data_root)})"
+          + "".join(f"; {d.split}: {len(d.skipped)} file(s) skipped (named above)" for d in (train_ds, val_ds)
+                    if getattr(d, "skipped", None)))
     print(
         f"training {info.name} on {data_root} ({len(train_ds)} train / {len(val_ds)} val images, "
         f"{len(class_names)} classes) at {cfg['imgsz']}px on {dev}, {cfg['epochs']} epochs -> {out}"

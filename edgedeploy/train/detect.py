@@ -131,10 +131,10 @@ def synthetic_params(cfg: DetectTrainConfig, imgsz: int) -> dict[str, Any]:
 
 
 def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    from edgedeploy.models.checkpoint import read_checkpoint
+    """Our checkpoint's meta, or for an official checkpoint its source, variant, classes and input convention."""
+    from edgedeploy.models.checkpoint import checkpoint_meta as _meta
 
-    meta = read_checkpoint(path).get("meta")
-    return dict(meta) if isinstance(meta, dict) else {}
+    return _meta(path)
 
 
 def read_detector_meta(artifact: str | os.PathLike) -> dict[str, Any]:
@@ -150,7 +150,7 @@ def read_detector_meta(artifact: str | os.PathLike) -> dict[str, Any]:
     shape = side.input_shape
     imgsz = shape[-1] if shape and isinstance(shape[-1], int) else None
     return {"model_name": side.model, "class_names": list(side.class_names), "imgsz": imgsz, "task": side.task,
-            "mean": list(side.mean), "std": list(side.std)}
+            "mean": list(side.mean), "std": list(side.std), "preprocess": side.convention().to_dict()}
 
 
 def check_family(meta: dict[str, Any], model_name: str, path: str | os.PathLike) -> None:
@@ -183,6 +183,25 @@ def load_detector(path: str | os.PathLike, model_name: str | None = None, num_cl
     model = create_model(model_name, num_classes=num_classes)
     load_weights(model, path)
     return model.eval()
+
+
+def load_finetune_weights(model, resolved, path) -> None:
+    """Load resolved weights for fine-tuning. When only the class-dependent prediction layers of the head differ in
+    shape (another class count), those are kept freshly initialised, loudly; any other mismatch is an error."""
+    from edgedeploy.models.checkpoint import apply_weights
+
+    own = model.state_dict()
+    sd = resolved.state_dict
+    differ = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if not differ or not all(k.startswith("head.") for k in differ) or set(own) != set(sd):
+        apply_weights(model, resolved)  # exact fit, or the usual error naming keys and the fix
+        return
+    keep = {k: v for k, v in sd.items() if k not in differ}
+    model.load_state_dict({**own, **keep}, strict=True)
+    before = resolved.meta.get("num_classes") or "another number of"
+    print(f"{path}: {before} classes in the checkpoint, {model.num_classes} in the data: the class-dependent head "
+          f"layers ({', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''}; {len(differ)} tensors) are "
+          f"re-initialised and trained from scratch; the other {len(keep)} tensors are loaded from the checkpoint.")
 
 
 def recalibrate_batchnorm(model, loader, device, batches: int) -> int:
@@ -273,32 +292,46 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
         synthetic = saved.get("synthetic") or synthetic
         cfg.data = saved.get("data", cfg.data)
         cfg.epochs = cfg.epochs or saved.get("epochs")
+
+    cfg.epochs = int(cfg.epochs or DEFAULT_EPOCHS)
+    # the data is read before the run folder exists: a dataset problem leaves nothing behind
+    train_ds = open_detection_data(cfg.data, "train", imgsz, synthetic)
+    val_ds = open_detection_data(cfg.data, "val", imgsz, synthetic)
+    if val_ds.names != train_ds.names:
+        raise DatasetError(f"train and val splits disagree on class names: {train_ds.names} vs {val_ds.names}")
+    if resume_path is not None:
         out = resume_path.parent
     elif cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
     else:
         out = run_dir(cfg.project, cfg.name or info.name)
-
-    cfg.epochs = int(cfg.epochs or DEFAULT_EPOCHS)
-    train_ds = open_detection_data(cfg.data, "train", imgsz, synthetic)
-    val_ds = open_detection_data(cfg.data, "val", imgsz, synthetic)
-    if val_ds.names != train_ds.names:
-        raise DatasetError(f"train and val splits disagree on class names: {train_ds.names} vs {val_ds.names}")
+    print(f"data: {train_ds.root} ({train_ds.layout or train_ds.format})")
     print(train_ds.summary())
     print(val_ds.summary())
     names = train_ds.names
 
     model = create_model(info.name, num_classes=len(names))
+    from edgedeploy.data.preprocess import InputConvention
+
+    convention = InputConvention.from_info(info)
+    weights_source = ""
     if cfg.weights:
-        from edgedeploy.models.checkpoint import load_weights
+        from edgedeploy.models.checkpoint import resolve_weights
 
         check_family(checkpoint_meta(cfg.weights), info.name, cfg.weights)
-        load_weights(model, cfg.weights)
+        resolved = resolve_weights(cfg.weights, info.name, model=model)
+        load_finetune_weights(model, resolved, cfg.weights)
+        if resolved.meta.get("preprocess"):  # official weights keep their input convention (and so does the export)
+            convention = InputConvention.from_dict(resolved.meta["preprocess"])
+            weights_source = str(resolved.meta.get("source", ""))
+            print(f"input convention of {cfg.weights}: {convention.channel_order.upper()}, scale {convention.scale:.6g}, "
+                  f"mean {list(convention.mean)}, std {list(convention.std)}")
     model.to(device)
     loss_fn = build_detection_loss(model)
 
-    train_set = DetectionTrainSet(train_ds, imgsz, augment=True, mosaic=cfg.mosaic, hsv=cfg.hsv, flip=cfg.flip, seed=cfg.seed)
+    train_set = DetectionTrainSet(train_ds, imgsz, augment=True, mosaic=cfg.mosaic, hsv=cfg.hsv, flip=cfg.flip, seed=cfg.seed,
+                                  convention=convention)
     batch = min(cfg.batch, len(train_set))
     loader = DataLoader(
         train_set, batch_size=batch, shuffle=True, num_workers=cfg.workers, collate_fn=collate_detection,
@@ -307,7 +340,7 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
     )  # fmt: skip
     # Plain letterboxed training images (what evaluation sees) for re-estimating BatchNorm statistics.
     calib_loader = DataLoader(
-        DetectionTrainSet(train_ds, imgsz, augment=False), batch_size=batch, shuffle=True, num_workers=cfg.workers,
+        DetectionTrainSet(train_ds, imgsz, augment=False, convention=convention), batch_size=batch, shuffle=True, num_workers=cfg.workers,
         collate_fn=collate_detection, generator=torch.Generator().manual_seed(cfg.seed + 1),
     )  # fmt: skip
     iters_per_epoch = min(len(loader), cfg.max_iters or len(loader))
@@ -321,8 +354,9 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
 
     meta = {
         "model_name": info.name, "family": info.family, "task": "detect", "num_classes": len(names),
-        "class_names": list(names), "imgsz": imgsz, "data": _data_ref(cfg.data), "mean": list(info.mean),
+        "class_names": list(names), "imgsz": imgsz, "data": _data_ref(cfg.data), "data_as_typed": str(cfg.data), "mean": list(info.mean),
         "std": list(info.std), "letterbox": True, "epochs": cfg.epochs,
+        "preprocess": convention.to_dict(), "weights_source": weights_source,
     }  # fmt: skip
     if str(cfg.data).lower() == "synthetic":
         meta["synthetic"] = synthetic  # lets `deploy eval` regenerate exactly this set
@@ -385,6 +419,7 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
             metrics = evaluate_detector(
                 torch_predict_fn(eval_model(), device, amp=cfg.amp), val_ds, imgsz, mean=info.mean, std=info.std,
                 batch_size=max(1, batch), out_dir=out, verbose=False, desc="val", progress=cfg.progress,
+                convention=convention,
             )  # fmt: skip
             row.update({"val/mAP50": metrics.map50, "val/mAP50-95": metrics.map})
             if metrics.map > best:
@@ -403,7 +438,7 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
     best_path = out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
     final_model = load_detector(best_path, info.name).to(device)
     print(f"\nvalidating {best_path}:")
-    metrics = evaluate_detector(torch_predict_fn(final_model, device), val_ds, imgsz, mean=info.mean, std=info.std, batch_size=max(1, batch), out_dir=out, desc="val", progress=cfg.progress)
+    metrics = evaluate_detector(torch_predict_fn(final_model, device), val_ds, imgsz, mean=info.mean, std=info.std, batch_size=max(1, batch), out_dir=out, desc="val", progress=cfg.progress, convention=convention)
     print(metrics.class_table())
     atomic_write_json(out / "val_metrics.json", metrics.as_dict())
     summary = {

@@ -87,6 +87,7 @@ def evaluate_detector(
     verbose: bool = True,
     desc: str = "eval",
     progress: bool = True,
+    convention=None,
 ) -> DetectionMetrics:
     """Run `predict_fn` over `dataset` and score it with pycocotools. Writes pr_curve.png into `out_dir`."""
     import torch
@@ -95,7 +96,7 @@ def evaluate_detector(
 
     from edgedeploy.data.detect_augment import LetterboxEvalSet
 
-    loader = DataLoader(LetterboxEvalSet(dataset, imgsz, mean, std), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    loader = DataLoader(LetterboxEvalSet(dataset, imgsz, mean, std, convention=convention), batch_size=batch_size, num_workers=num_workers, shuffle=False)
     results: list[dict] = []
     start = time.perf_counter()
     for x, indices, scales, pad_x, pad_y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
@@ -370,7 +371,7 @@ def run_eval_cli(args) -> int:
     iou = float(getattr(args, "iou_thres", EVAL_IOU))
     max_det = int(getattr(args, "max_det", EVAL_MAX_DET))
     progress = not getattr(args, "quiet", False)
-    meta = read_detector_meta(artifact)
+    meta = {**(getattr(args, "recorded_meta", None) or {}), **read_detector_meta(artifact)}
     model_name = getattr(args, "model", None) or meta.get("model_name")
     info = get_model_info(model_name) if model_name else None
     imgsz = int(getattr(args, "imgsz", None) or meta.get("imgsz") or (info.imgsz if info else 0))
@@ -378,6 +379,7 @@ def run_eval_cli(args) -> int:
         raise EdgeDeployError(f"cannot tell the input size of {artifact.name}: pass --imgsz")
     data = getattr(args, "data", None) or meta.get("data") or "synthetic"
     dataset = open_detection_data(data, getattr(args, "split", None) or "val", imgsz, meta.get("synthetic"))
+    print(f"{dataset.layout or dataset.format}: {dataset.summary()}")
     trained = meta.get("class_names")
     if trained and list(trained) != list(dataset.names):
         raise EdgeDeployError(
@@ -396,11 +398,14 @@ def run_eval_cli(args) -> int:
         predict = engine_predict_fn(load_engine(artifact), conf, iou, max_det)
     mean = meta.get("mean") or (info.mean if info else (0.0, 0.0, 0.0))
     std = meta.get("std") or (info.std if info else (1.0, 1.0, 1.0))
+    from edgedeploy.data.preprocess import InputConvention
+
+    convention = InputConvention.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
     out_dir = Path(getattr(args, "out", None) or artifact.parent)
     batch = int(getattr(args, "batch", None) or 8)
     metrics = evaluate_detector(
         predict, dataset, imgsz, mean=mean, std=std, batch_size=batch, num_workers=int(getattr(args, "workers", 0) or 0),
-        out_dir=out_dir, progress=progress,
+        out_dir=out_dir, progress=progress, convention=convention,
     )  # fmt: skip
     print(metrics.class_table())
     print(

@@ -12,6 +12,7 @@ import importlib
 from pathlib import Path
 
 from edgedeploy import options as opt
+from edgedeploy.errors import EdgeDeployError
 
 TASK_EVALUATORS = {
     "detect": "edgedeploy.train.detect_eval",
@@ -30,6 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--imgsz", type=opt.IMGSZ.arg, default=None, help="default: the training size recorded in the artifact")
     parser.add_argument("--batch", "--batch-size", dest="batch", type=opt.BATCH.arg, default=None)
     parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, default=None, help="default: recorded in the checkpoint")
+    parser.add_argument("--ignore-index", type=int, default=None,
+                        help="segmentation: mask value left out of mIoU (default: recorded at training, else 255)")
     parser.add_argument("--workers", type=opt.WORKERS.arg, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (PyTorch checkpoints)")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
@@ -70,11 +73,53 @@ def _artifact_meta(path: str) -> dict:
         "model_name": side.model, "task": side.task, "class_names": list(side.class_names),
         "imgsz": side.input_shape[-1] if isinstance(side.input_shape[-1], int) else None,
         "mean": list(side.mean), "std": list(side.std), "batch": side.input_shape[0],
+        **sidecar_data_meta(side),
     }
 
 
+def sidecar_data_meta(side) -> dict:
+    """The checkpoint-style data fields (`data`, `data_as_typed`, `synthetic`, `ignore_index`) an export sidecar
+    carries, so an exported artifact is evaluated on the data its checkpoint was trained on."""
+    data = dict(getattr(side, "data", None) or {})
+    out: dict = {}
+    if data.get("synthetic"):
+        out["data"], out["train_args"] = "synthetic", {"data": "synthetic"}
+        if data.get("path") and data["path"] != "synthetic":
+            out["data"] = data["path"]  # the generated folder (regenerated when gone)
+        if data.get("synthetic_params"):
+            out["synthetic"] = data["synthetic_params"]
+    elif data.get("path"):
+        out["data"] = data["path"]
+    if data.get("as_typed"):
+        out["data_as_typed"] = data["as_typed"]
+    if "ignore_index" in (side.postprocess or {}):
+        out["ignore_index"] = side.postprocess["ignore_index"]
+    return out
+
+
+def resolve_eval_data(args: argparse.Namespace, path: str, meta: dict) -> str:
+    """--data, else the training data the artifact records (an error naming the path when it is gone), else
+    synthetic only for a model trained on it. Prints where the data is and its detected layout."""
+    from edgedeploy.data.sources import describe_layout, missing_data_error, recorded_data
+
+    if args.data:
+        data = str(args.data)
+    else:
+        rec = recorded_data(meta)
+        if rec.found:
+            data = str(rec.path)
+        elif rec.synthetic:
+            data = "synthetic"
+        else:
+            raise missing_data_error(path, rec, "--data DIR (or --data synthetic)")
+    if data != "synthetic" and not Path(data).exists():
+        raise EdgeDeployError(f"--data {data}: not found (a dataset folder, a data YAML / COCO json, or `synthetic`)")
+    where = "synthetic (generated)" if data == "synthetic" else f"{Path(data).resolve()} ({describe_layout(data)})"
+    print(f"data: {where}{'' if args.data else ' (recorded at training)'}")
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
-    from edgedeploy.errors import EdgeDeployError
     from edgedeploy.models.registry import get_model_info
 
     path = _artifact(args)
@@ -82,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     args.artifact = args.weights = path
     args.batch_size = args.batch
     meta = _artifact_meta(path)
-    args.data = args.data or meta.get("data") or "synthetic"
+    args.data = resolve_eval_data(args, path, meta)
+    args.recorded_meta = meta  # what the artifact recorded (checkpoint meta or sidecar), for the task evaluators
     model_name = args.model or meta.get("model_name")
     task = get_model_info(model_name).task if model_name else meta.get("task")
     if task is None:
@@ -106,8 +152,6 @@ def _eval_classify(args: argparse.Namespace, path: str, model_name: str | None, 
     imgsz = args.imgsz or meta.get("imgsz") or info.imgsz
     data = args.data
     saved = meta.get("train_args") or {}
-    if data == meta.get("data") and not Path(data).exists() and saved.get("data") == "synthetic":
-        data = "synthetic"  # the generated set was cleaned away: regenerate it (deterministic)
     num_classes = len(meta["class_names"]) if data == "synthetic" and meta.get("class_names") else None
     if args.split != "val":
         raise EdgeDeployError("classification eval reads the val split of the dataset (--split val)")

@@ -160,7 +160,8 @@ def train_segmentation(
     model's, 520 for LR-ASPP). `resume=True` continues `out_dir/last.pt`, `resume=PATH` that checkpoint, with
     the arguments it was started with. `weights` initialises from a checkpoint (torchvision's included).
     """
-    from edgedeploy.data.voc import dataset_summary, open_segmentation_data
+    from edgedeploy.data.sources import record_data
+    from edgedeploy.data.voc import dataset_summary, mask_palette, open_segmentation_data
     from edgedeploy.models.registry import create_model, get_model_info
     from edgedeploy.train.segment_eval import evaluate_segmenter, torch_predict_fn
 
@@ -254,7 +255,9 @@ def train_segmentation(
     meta = {
         "model_name": info.name, "task": "segment", "num_classes": len(class_names), "class_names": class_names,
         "imgsz": cfg["imgsz"], "ignore_index": ignore_index, "mean": list(info.mean), "std": list(info.std),
-        "data": str(train_ds.pairs[0][0].parent.parent.parent if is_synthetic else data), "train_args": train_args,
+        **record_data(data, train_ds.pairs[0][0].parent.parent.parent if is_synthetic else None),
+        "palette": mask_palette(train_ds.pairs[0][1], len(class_names)),  # None for grey masks
+        "train_args": train_args,
     }
 
     start_epoch, best_miou = 0, -1.0
@@ -266,6 +269,7 @@ def train_segmentation(
         logger.truncate(start_epoch)
         print(f"resuming {resume_path} at epoch {start_epoch + 1}/{cfg['epochs']}")
 
+    print(f"data: {train_ds.root} ({train_ds.layout}), ignore index {ignore_index}")
     print(f"training {info.name} on {data}: train {dataset_summary(train_ds)}; val {len(val_ds)} images; "
           f"{cfg['imgsz']}px crops on {dev}, {cfg['epochs']} epochs, {cfg['optimizer']} lr {cfg['lr']:g} "
           f"{lr_schedule} -> {out}")

@@ -275,11 +275,14 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         from edgedeploy.engines.sidecar import read_sidecar
 
         side = read_sidecar(path, required=False)
-        synthetic = None
+        recorded = getattr(args, "recorded_meta", None) or {}  # the sidecar's data fields, read by `deploy eval`
+        synthetic = recorded.get("synthetic")
         if side is not None:
             last = side.input_shape[-1]
             imgsz = imgsz or (int(last) if isinstance(last, int) else None)
             class_names = list(side.class_names) or None
+            recorded_ignore = (side.postprocess or {}).get("ignore_index")
+            ignore_index = ignore_index if ignore_index is not None else recorded_ignore
         predict, default_batch = artifact_predict_fn(path, model_name)
     if not imgsz:
         raise EdgeDeployError("pass --imgsz: the input size is not recorded beside the artifact")
@@ -293,6 +296,12 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         ignore_index=255 if ignore_index is None else int(ignore_index),
         synthetic_kwargs={**(synthetic or {}), "imgsz": int(imgsz)} if data == "synthetic" else None,
     )
+    if class_names and dataset.own_class_names and list(dataset.own_class_names) != list(class_names):
+        raise EdgeDeployError(
+            f"{path} was trained on classes {list(class_names)}, but {dataset.root} lists {dataset.own_class_names}: "
+            "labels would not line up. Evaluate on the dataset the model was trained on (or fix its classes.txt)"
+        )
+    print(f"{dataset.layout}: {len(dataset)} {getattr(args, 'split', 'val')} images, ignore index {dataset.ignore_index}")
     scores = evaluate_segmenter(predict, dataset, batch_size=batch or default_batch,
                                 progress=not getattr(args, "quiet", False))
     print(f"{Path(path).name} on {data} ({len(dataset)} {getattr(args, 'split', 'val')} images)")

@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # keep torch/onnx out of import time
     from edgedeploy.models.registry import ModelInfo
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
+SYNTHETIC_EVAL_IMAGES = 64  # held-out synthetic renders when no cap is given (a real split is used whole)
 
 # Op types whose FP16 versions overflow or lose too much (LayerNorm variance, softmax exponent, reductions).
 DEFAULT_FP16_BLOCK_LIST = (
@@ -86,12 +87,17 @@ class EvalData:
     source: str = "synthetic"
     skipped: int = 0  # unreadable images skipped
     meta: dict[str, Any] = field(default_factory=dict)
+    available: int | None = None  # images in the source (inputs may be a capped, evenly spaced subset)
 
 
 class TaskAdapter:
     """Base class; see the module docstring for the contract. Subclasses set `task` and `output_names`."""
 
     task: str = ""
+    # Set by the export pipeline from the checkpoint: real image files of the model's data (parity inputs are
+    # drawn from them instead of synthetic renders) and the dataset facts eval needs (class_names, ignore_index).
+    image_files: list | None = None
+    dataset_meta: dict[str, Any] = {}
     # input sides the task's networks accept: classifiers and YOLO heads need whole stride-32 grids; a task
     # whose graph handles any size (LR-ASPP) sets 1. Models with stricter needs (MobileViT: 64) say so themselves.
     imgsz_multiple: int = 32
@@ -132,14 +138,39 @@ class TaskAdapter:
         return images
 
     def preprocess(self, img_bgr: np.ndarray, info: "ModelInfo", imgsz: int) -> np.ndarray:
-        from edgedeploy.data.preprocess import to_input_tensor
+        from edgedeploy.data.preprocess import convention_for, to_input_tensor
 
-        x, _, _ = to_input_tensor(img_bgr, imgsz, info.mean, info.std, letterboxed=info.letterbox)
+        x, _, _ = to_input_tensor(img_bgr, imgsz, convention=convention_for(info))
         return x
 
+    def images(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """`n` uint8 BGR images: the model's own data when the pipeline set `image_files`, else synthetic renders."""
+        if self.image_files:
+            from edgedeploy.export.calibration import read_image
+
+            files = list(self.image_files)
+            images = []
+            for i in rng.permutation(len(files)):  # random files, corrupt ones passed over
+                img = read_image(files[int(i)])
+                if img is not None:
+                    images.append(img)
+                if len(images) == n:
+                    break
+            if images:
+                return [images[i % len(images)] for i in range(n)]
+        return self.synthetic_images(info, imgsz, n, rng)
+
     def sample_inputs(self, info: "ModelInfo", imgsz: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-        images = [self.preprocess(img, info, imgsz) for img in self.synthetic_images(info, imgsz, max(n - 1, 1), rng)]
-        images.append(rng.standard_normal((1, 3, imgsz, imgsz)).astype(np.float32))
+        images = [self.preprocess(img, info, imgsz) for img in self.images(info, imgsz, max(n - 1, 1), rng)]
+        noise = rng.standard_normal((1, 3, imgsz, imgsz)).astype(np.float32)
+        from edgedeploy.data.preprocess import InputConvention, convention_for
+
+        c = convention_for(info)
+        if c != InputConvention.from_info(info):  # the weights' own convention (e.g. BGR 0-255): noise in pixel
+            # units (128 +- 64, clipped to 0-255) mapped through it, so that it is on the scale the weights expect
+            m, sd = np.asarray(c.mean, np.float32).reshape(3, 1, 1), np.asarray(c.std, np.float32).reshape(3, 1, 1)
+            noise = ((np.clip(128 + 64 * noise, 0, 255) * np.float32(c.scale)) - m) / sd
+        images.append(noise.astype(np.float32))
         return images
 
     def load_eval_data(
@@ -147,12 +178,13 @@ class TaskAdapter:
     ) -> EvalData:
         """Default: unlabeled images (a directory, or synthetic); `evaluate` then reports agreement only."""
         if source == "synthetic":
-            imgs = self.synthetic_images(info, imgsz, n, rng)
-            return EvalData([self.preprocess(i, info, imgsz) for i in imgs], None, "synthetic")
-        from edgedeploy.export.calibration import read_image_dir
+            imgs = self.synthetic_images(info, imgsz, n or SYNTHETIC_EVAL_IMAGES, rng)
+            return EvalData([self.preprocess(i, info, imgsz) for i in imgs], None, "synthetic", available=len(imgs))
+        from edgedeploy.export.calibration import list_images, read_image_files
 
-        images, skipped = read_image_dir(source, n)
-        return EvalData([self.preprocess(i, info, imgsz) for i in images], None, source, skipped)
+        files = list_images(source)
+        images, skipped = read_image_files(files, n, source)
+        return EvalData([self.preprocess(i, info, imgsz) for i in images], None, source, skipped, available=len(files))
 
     # --- judging -------------------------------------------------------------------------------------------
     def parity_tolerance(self, precision: str = "fp32") -> tuple[float, float]:

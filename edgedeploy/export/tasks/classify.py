@@ -43,9 +43,9 @@ class ClassifyAdapter(TaskAdapter):
                 root = split
             elif (root / "classes.txt").is_file():
                 classes = read_class_names(root)
-            images, labels, classes, skipped = read_image_folder(root, n, classes)
+            images, labels, classes, skipped, available = read_image_folder(root, n, classes)
             inputs = [self.preprocess(i, info, imgsz) for i in images]
-            return EvalData(inputs, labels, str(root), skipped, {"classes": classes})
+            return EvalData(inputs, labels, str(root), skipped, {"classes": classes}, available)
         return super().load_eval_data(info, imgsz, source, n, rng)
 
     def evaluate(self, run_fn: RunFn, eval_data: EvalData, reference_fn: RunFn | None = None) -> dict[str, float]:

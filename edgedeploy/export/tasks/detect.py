@@ -341,7 +341,7 @@ class DetectAdapter(TaskAdapter):
         PyTorch and ONNX Runtime; the element-wise `--nms none` proof keeps that input."""
         if getattr(self, "_nms", "onnx") == "none":
             return super().sample_inputs(info, imgsz, n, rng)
-        return [self.preprocess(img, info, imgsz) for img in self.synthetic_images(info, imgsz, max(n, 1), rng)]
+        return [self.preprocess(img, info, imgsz) for img in self.images(info, imgsz, max(n, 1), rng)]
 
     def fp16_op_block_list(self, options: ExportOptions) -> list[str]:
         # The decode's exp/pow and the score product feed NMS thresholds: keep them FP32.
@@ -436,31 +436,47 @@ class DetectAdapter(TaskAdapter):
         return [np.concatenate([boxes[b, :int(num[b, 0])], scores[b, :int(num[b, 0]), None],
                                 classes[b, :int(num[b, 0]), None]], 1).astype(np.float64) for b in range(len(num))]
 
-    def load_eval_data(self, info: "ModelInfo", imgsz: int, source: str, n: int, rng: np.random.Generator) -> EvalData:
-        """A YOLO-layout split (`ROOT/images/<split>` with `ROOT/labels/<split>`, or ROOT itself for `val`) gives
-        labelled held-out data, so FP16/INT8 are judged by COCO mAP; any other folder, or synthetic, gives
-        unlabelled images (agreement with FP32 only)."""
+    def load_eval_data(self, info: "ModelInfo", imgsz: int, source: str, n: int | None,
+                       rng: np.random.Generator) -> EvalData:
+        """Labelled held-out data, so FP16/INT8 are judged by COCO mAP: the val split of a dataset folder in any
+        layout `open_detection_dataset` reads (YOLO txt, Ultralytics data YAML, COCO json), or one YOLO split
+        folder (`ROOT/images/<split>` beside `ROOT/labels/<split>`). Any other folder, or synthetic, gives
+        unlabelled images (agreement with FP32 only). `n` None: the whole split; else n evenly spaced images."""
+        from pathlib import Path
+
+        from edgedeploy.data.yolo_format import load_yolo_dataset, open_detection_dataset
+        from edgedeploy.errors import DatasetError
+
         split = _yolo_split(source)
-        if split is None:
+        ds = None
+        if split is not None:
+            ds = load_yolo_dataset(*split)
+        elif source and source != "synthetic" and (Path(source).is_dir() or Path(source).suffix.lower() in
+                                                   (".yaml", ".yml", ".json")):
+            try:
+                ds = open_detection_dataset(source, "val")
+            except DatasetError as e:
+                if "neither a YOLO dataset" not in str(e):
+                    raise  # a dataset with a problem is reported, not demoted to unlabelled images
+        if ds is None:
             return super().load_eval_data(info, imgsz, source, n, rng)
         import dataclasses
 
-        from edgedeploy.data.preprocess import to_input_tensor
-        from edgedeploy.data.yolo_format import load_yolo_dataset
+        from edgedeploy.data.preprocess import convention_for, to_input_tensor
 
-        root, name = split
-        ds = load_yolo_dataset(root, name)
         if len(ds) == 0:
-            raise ExportError(f"--eval-data {source}: no images in the {name!r} split of {root}")
-        picks = sorted({int(i) for i in np.linspace(0, len(ds) - 1, min(n, len(ds))).round()})  # spread evenly
+            raise ExportError(f"--eval-data {source}: no images in the {ds.split!r} split of {ds.root}")
+        count = len(ds) if n is None else min(n, len(ds))
+        picks = sorted({int(i) for i in np.linspace(0, len(ds) - 1, count).round()})  # spread evenly
         sub = dataclasses.replace(ds, records=[ds.records[i] for i in picks])
         inputs, geometry = [], []
         for i in range(len(sub)):
-            x, scale, pad = to_input_tensor(sub.load_image(i), imgsz, info.mean, info.std, letterboxed=True)
+            x, scale, pad = to_input_tensor(sub.load_image(i), imgsz, convention=convention_for(info))
             inputs.append(x)
             geometry.append((scale, pad))
-        return EvalData(inputs, {"dataset": sub, "geometry": geometry}, f"{root} ({name})", ds.skipped_images,
-                        {"classes": list(sub.names)})
+        where = f"{ds.root} ({ds.split} split, {ds.layout or ds.format})"
+        return EvalData(inputs, {"dataset": sub, "geometry": geometry}, where, ds.skipped_images,
+                        {"classes": list(sub.names)}, len(ds))
 
     def evaluate(self, run_fn: RunFn, eval_data: EvalData, reference_fn: RunFn | None = None) -> dict[str, float]:
         """COCO mAP@.5:.95 / mAP@.5 at the exported thresholds when the data is labelled; detections per image

@@ -8,7 +8,8 @@ task_options:
 
 Parity: logits against PyTorch with allclose; an argmax mask by pixel agreement (a float-rounding tie may
 flip a pixel, so >= 99.9% equal pixels passes). FP16/INT8 are judged by mIoU on labelled held-out data (the
-built-in synthetic set's val split unless a VOC-style folder is given) and by pixel agreement with FP32.
+checkpoint's own val split, with its ignore index, unless --eval-data says otherwise) and by pixel agreement
+with FP32.
 """
 
 from __future__ import annotations
@@ -86,29 +87,40 @@ class SegmentAdapter(TaskAdapter):
 
         return [render_sample(imgsz, rng)[0] for _ in range(n)]
 
-    def load_eval_data(self, info: "ModelInfo", imgsz: int, source: str, n: int, rng: np.random.Generator) -> EvalData:
-        """Labelled: the synthetic set's val split, or the val split of a VOC-style folder; a plain image folder
-        gives unlabelled inputs (agreement only)."""
-        from edgedeploy.data.voc import open_segmentation_data
-        from edgedeploy.errors import DatasetError
+    def load_eval_data(self, info: "ModelInfo", imgsz: int, source: str, n: int | None,
+                       rng: np.random.Generator) -> EvalData:
+        """Labelled: the val split of a segmentation dataset folder (images/masks, CamVid, VOC) or of the synthetic
+        set, read with the checkpoint's class list and ignore index (`dataset_meta`, set by the pipeline); a plain
+        image folder gives unlabelled inputs (agreement only). `n` None: the whole split."""
+        from pathlib import Path
 
+        from edgedeploy.data.voc import open_segmentation_data, segmentation_layout
+
+        meta = self.dataset_meta or {}
+        names = list(meta.get("class_names") or []) or None
+        ignore = meta.get("ignore_index")
+        ignore = 255 if ignore is None else int(ignore)
         if source != "synthetic":
-            try:
-                ds = open_segmentation_data(source, "val", imgsz=imgsz, train=False)
-            except DatasetError:
+            if segmentation_layout(source) == "unknown" and Path(source).is_dir():
                 return super().load_eval_data(info, imgsz, source, n, rng)
+            ds = open_segmentation_data(source, "val", imgsz=imgsz, train=False, class_names=names,
+                                        ignore_index=ignore)
         else:
-            ds = open_segmentation_data("synthetic", "val", imgsz=imgsz, train=False,
-                                        synthetic_kwargs={"progress": False})
+            ds = open_segmentation_data("synthetic", "val", imgsz=imgsz, train=False, class_names=names,
+                                        ignore_index=ignore, synthetic_kwargs={"progress": False})
         ds.mean, ds.std = tuple(info.mean), tuple(info.std)
+        count = len(ds) if n is None else min(n, len(ds))
+        picks = sorted({int(i) for i in np.linspace(0, len(ds) - 1, count).round()}) if count else []
         inputs, masks = [], []
-        for i in range(min(n, len(ds))):
+        for i in picks:
             x, mask = ds.eval_item(i)
             inputs.append(x[None])
             masks.append(mask)
-        return EvalData(inputs, masks, "synthetic" if source == "synthetic" else str(source),
-                        meta={"num_classes": ds.num_classes, "class_names": ds.class_names,
-                              "ignore_index": ds.ignore_index})
+        where = "synthetic" if source == "synthetic" else f"{ds.root} (val split, {ds.layout})"
+        meta_out = {"num_classes": ds.num_classes, "class_names": ds.class_names, "ignore_index": ds.ignore_index}
+        if ds.own_class_names is not None:
+            meta_out["classes"] = ds.own_class_names  # the pipeline refuses a list that is not the checkpoint's
+        return EvalData(inputs, masks, where, meta=meta_out, available=len(ds))
 
     # --- judging -------------------------------------------------------------------------------------------
     def compare(self, names: Sequence[str], torch_outs: Sequence[np.ndarray], onnx_outs: Sequence[np.ndarray],

@@ -25,6 +25,7 @@ class Converted:
     preprocess: dict[str, Any] = field(default_factory=dict)
     variant: str | None = None  # the registry name this checkpoint is, when the shapes tell
     notes: list[str] = field(default_factory=list)  # what was done, shown to the user
+    class_names: list[str] = field(default_factory=list)  # when the file names its classes (Ultralytics)
 
 
 # A converter: (raw checkpoint object, the requested registry name) -> Converted, or None if not its format.
@@ -55,7 +56,8 @@ def convert_official(ckpt: Mapping[str, Any], model_name: str) -> Converted | No
     return None
 
 
-_FAMILY_MODULES: tuple[str, ...] = ()  # filled in as family modules land, e.g. ("yolox", "yolov5", "timm", ...)
+# Family modules, tried in this order. A name whose module is not (yet) in this tree is skipped.
+_FAMILY_MODULES: tuple[str, ...] = ("yolox", "yolov5", "timm", "cvnets", "shufflenet")
 _loaded = False
 
 
@@ -64,7 +66,9 @@ def _load_families() -> None:
     if _loaded:
         return
     import importlib
+    import importlib.util
 
     for mod in _FAMILY_MODULES:
-        importlib.import_module(f"{__name__}.{mod}")
+        if importlib.util.find_spec(f"{__name__}.{mod}") is not None:
+            importlib.import_module(f"{__name__}.{mod}")
     _loaded = True

@@ -22,7 +22,7 @@ import numpy as np
 from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError, EngineCompatibilityError
 from edgedeploy.runtime import cuda
-from edgedeploy.runtime.engine import DYNAMIC, Engine, TensorSpec, Timing
+from edgedeploy.runtime.engine import DYNAMIC, Capabilities, Engine, TensorSpec, Timing
 
 # Smallest plausible serialized engine: real ones are hundreds of KB; anything tiny is a truncated download.
 MIN_ENGINE_BYTES = 1024
@@ -49,6 +49,9 @@ def check_engine_compat(
         f"Rebuild it on this machine: `deploy export --model {meta.model or 'MODEL'} --weights CHECKPOINT "
         f"--builder {runtime_builder}` (engines do not move between TensorRT versions or GPU architectures)."
     )
+    onnx = Path(path).with_suffix(".onnx")
+    if onnx.exists():
+        rebuild += f" Meanwhile {onnx.name} runs on ONNX Runtime (the CPU path): pass it instead of the .engine."
     if meta.builder not in ("tensorrt", "tensorrt-rtx"):
         raise EngineCompatibilityError(f"{name}: sidecar says builder {meta.builder!r}, not a TensorRT engine")
     if meta.builder != runtime_builder:
@@ -157,7 +160,13 @@ class TensorRTEngine(Engine):
         check_engine_compat(self.meta, runtime_builder=builder, runtime_version=trt.__version__, device_cc="",
                             path=self.path)
         data = check_engine_file(self.path)
-        cuda.init(device)
+        try:
+            cuda.init(device)
+        except cuda.CudaError as e:  # no driver, no GPU, a driver older than the CUDA line: say what still runs
+            onnx = self.path.with_suffix(".onnx")
+            if onnx.exists():
+                raise cuda.CudaError(f"{e}. Meanwhile {onnx.name} runs on ONNX Runtime (the CPU path).") from e
+            raise
         check_engine_compat(self.meta, runtime_builder=builder, runtime_version=trt.__version__,
                             device_cc=cuda.compute_capability(device), path=self.path)
         check_plugins(trt, self.meta, self.path.name)
@@ -209,7 +218,20 @@ class TensorRTEngine(Engine):
             nbytes = int(np.prod(shape)) * spec.dtype.itemsize
             self.device_buffers[spec.name] = cuda.DeviceBuffer(nbytes, shape, spec.dtype)
             self.host_buffers[spec.name] = cuda.PinnedBuffer(shape, spec.dtype)
-            self.context.set_tensor_address(spec.name, self.device_buffers[spec.name].ptr)
+            if self.context.set_tensor_address(spec.name, self.device_buffers[spec.name].ptr) is False:
+                log = "\n".join(self.logger.messages[-3:]) or "no message"
+                raise EdgeDeployError(f"{self.path.name}: TensorRT refused the device address of {spec.name!r} "
+                                      f"(set_tensor_address returned False).\nTensorRT said: {log}")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(device_buffers=True, stream=True, graph_capture=self.use_cuda_graph,
+                            fp16_io=self.inputs[0].dtype == np.float16)
+
+    def device_input(self, shape: tuple[int, ...]) -> int:
+        name = self.inputs[0].name
+        self.set_input_shapes({name: tuple(int(d) for d in shape)})
+        return self.device_buffers[name].ptr
 
     # ---- execution --------------------------------------------------------------------------------------------
     def set_input_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -291,13 +313,28 @@ class TensorRTEngine(Engine):
         return results
 
     def close(self) -> None:
-        for buf in list(getattr(self, "device_buffers", {}).values()) + list(getattr(self, "host_buffers", {}).values()):
-            buf.free()
-        if getattr(self, "graph", None) is not None:
-            self.graph.reset()
-        for e in getattr(self, "_events", []):
-            e.close()
+        """Release everything even when one release fails; the first CUDA error is raised at the end."""
+        errors: list[cuda.CudaError] = []
+
+        def attempt(fn) -> None:
+            try:
+                fn()
+            except cuda.CudaError as e:
+                errors.append(e)
+
         if getattr(self, "stream", None) is not None:
-            self.stream.close()
+            attempt(self.stream.synchronize)  # queued work may still use the buffers
+        if getattr(self, "graph", None) is not None:
+            attempt(self.graph.reset)
+        for buf in list(getattr(self, "device_buffers", {}).values()) + list(getattr(self, "host_buffers", {}).values()):
+            attempt(buf.free)
+        for e in getattr(self, "_events", []):
+            attempt(e.close)
+        self._events = []
+        if getattr(self, "stream", None) is not None:
+            attempt(self.stream.close)
+            self.stream = None
         self.context = self.engine = None
         self.device_buffers, self.host_buffers = {}, {}
+        if errors:
+            raise errors[0]
