@@ -37,7 +37,7 @@ def test_checkpoint_that_runs_code_is_refused_before_it_runs(tmp_path):
     legacy = tmp_path / "legacy.pt"
     torch.save({"x": _MakesFile(marker)}, legacy, _use_new_zipfile_serialization=False)
     for p in (path, legacy):
-        with pytest.raises(CheckpointError, match=r"refused to load .*system.*weights_only=True.*convert"):
+        with pytest.raises(CheckpointError, match=r"refused to load .*posix.system.*could run code.*convert it safely"):
             read_checkpoint(p)
     assert not marker.exists()
     # the planted file is live: an unrestricted load really runs it (what read_checkpoint used to do)
@@ -45,10 +45,12 @@ def test_checkpoint_that_runs_code_is_refused_before_it_runs(tmp_path):
     assert marker.exists()
 
 
-def test_whole_module_pickle_is_refused_with_the_class_it_needs(tmp_path):
+def test_whole_module_pickle_is_read_inert_and_refused(tmp_path):
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
-    with pytest.raises(CheckpointError, match="torch.nn.modules.linear.Linear"):
+    marker = tmp_path / "PWNED"
+    with pytest.raises(CheckpointError, match="holds a Linear, not a state dict"):  # read as an inert stand-in
         read_checkpoint(tmp_path / "module.pt")
+    assert not marker.exists()
 
 
 def test_plain_metadata_numpy_scalars_and_namespaces_load(tmp_path):
@@ -61,9 +63,8 @@ def test_plain_metadata_numpy_scalars_and_namespaces_load(tmp_path):
     meta = {"top1": np.float64(0.75), "n": np.int64(3), "iou": np.array([0.5, 0.25]), "data": Path("/d"),
             "shape": (1, 2)}
     torch.save({"model": {"w": torch.ones(1)}, "meta": meta}, tmp_path / "arrays.pt")
-    with pytest.raises(CheckpointError) as e:  # arrays and paths rebuild through other calls: not allowed
+    with pytest.raises(CheckpointError, match="refused to load"):  # arrays and paths: not on any allow-list
         read_checkpoint(tmp_path / "arrays.pt")
-    assert "PosixPath" in str(e.value) and "Namespace" not in str(e.value) and ".scalar" not in str(e.value)
     plain = plain_tree(meta)
     assert plain == {"top1": 0.75, "n": 3, "iou": [0.5, 0.25], "data": "/d", "shape": [1, 2]}
     assert all(type(v) in (float, int, str, list) for v in plain.values())
@@ -316,6 +317,6 @@ def test_eval_on_a_detector_takes_the_detection_flags(tmp_path, monkeypatch):
     write_sidecar(art, ArtifactMeta("yolox_nano", "detect", input_shape=[1, 3, 64, 64]))
     seen = {}
     monkeypatch.setattr(detect_eval, "run_eval_cli", lambda args: seen.update(vars(args)) or 0)
-    assert main(["eval", str(art), "--conf-thres", "0.3", "--iou-thres", "0.5", "--max-det", "7",
+    assert main(["eval", str(art), "--data", "synthetic", "--conf-thres", "0.3", "--iou-thres", "0.5", "--max-det", "7",
                  "--out", str(tmp_path / "ev")]) == 0
     assert (seen["conf_thres"], seen["iou_thres"], seen["max_det"], seen["out"]) == (0.3, 0.5, 7, str(tmp_path / "ev"))
