@@ -80,6 +80,8 @@ def ws(tmp_path_factory):
     side.update(builder="tensorrt-rtx", builder_version="1.7.1.116", precision="fp32")
     (root / "rtx.engine.json").write_text(json.dumps(side))
     (root / "afile").write_text("a file where a folder should be\n")
+    (root / "badcalib").mkdir()
+    (root / "badcalib" / "a.jpg").write_bytes(np.random.default_rng(2).bytes(500))  # no decodable image
     # an ImageFolder with a single class
     for split in ("train", "val"):
         d = root / "oneclass" / split / "cat"
@@ -140,8 +142,10 @@ CASES = [
      E, "--num-classes 3"),
     ("export-unwritable", ["export", "--model", MODEL, "--imgsz", IMGSZ, "--out", "afile/sub", *X], E, "afile"),
     ("export-no-model", ["export", "--out", "o"], E, "--model"),
+    ("export-missing-calib", ["export", "--model", MODEL, "--imgsz", IMGSZ, "--out", "exp", "--int8", "--calib",
+                              "no_such_dir", *X], E, "no_such_dir"),
     ("export-bad-calib-rerun", ["export", "--model", MODEL, "--imgsz", IMGSZ, "--out", "exp", "--int8", "--calib",
-                                "no_such_dir", *X], E, "no_such_dir"),
+                                "badcalib", *X], E, "badcalib"),
     # train
     ("train-epochs-0", ["train", "--model", MODEL, "--epochs", "0"], U, "from 1 to"),
     ("train-batch-neg", ["train", "--model", MODEL, "--batch", "-1"], U, "from 1 to"),
@@ -239,11 +243,11 @@ def test_failed_rerun_reports_beside_the_good_report(ws, monkeypatch, capsys):
     monkeypatch.chdir(ws)
     report = ws / "exp" / MODEL / "export_report.json"
     before = report.read_bytes()
-    rc, _ = run_cli(["export", "--model", MODEL, "--imgsz", IMGSZ, "--out", "exp", "--int8", "--calib", "no_such_dir", *X])
+    rc, _ = run_cli(["export", "--model", MODEL, "--imgsz", IMGSZ, "--out", "exp", "--int8", "--calib", "badcalib", *X])
     capsys.readouterr()
-    assert rc == 1 and report.read_bytes() == before
+    assert rc == 1 and report.read_bytes() == before  # the run reached INT8 (earlier steps reused), then failed
     failed = json.loads((ws / "exp" / MODEL / "export_report.failed.json").read_text())
-    assert "no_such_dir" in failed["error"]
+    assert "badcalib" in failed["error"] and [s["status"] for s in failed["steps"]] == ["reused"] * 4
     # and the good report's reuse keys still work: the next good run reuses every step
     rc, _ = run_cli(["export", "--model", MODEL, "--imgsz", IMGSZ, "--out", "exp", *X])
     capsys.readouterr()
