@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from edgedeploy import __version__
-from edgedeploy.errors import EXIT_ERROR, EXIT_INTERRUPTED, EdgeDeployError
+from edgedeploy.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EdgeDeployError
 
 # name -> (module exposing `configure(parser)` and `run(args) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,10 +26,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one short paragraph (the bad argument and where to look), not the whole usage text."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only `command`'s options are configured (and its module imported) when given,
     so `deploy --help` and `deploy doctor` stay fast and do not pull in torch."""
-    parser = argparse.ArgumentParser(prog="deploy", description=__doc__)
+    parser = _Parser(prog="deploy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edgedeploy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -46,6 +54,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    if rc == EXIT_INTERRUPTED and argv is None:
+        # Ctrl-C in the `deploy` process itself: every `finally`/`with` has already cleaned up; skip the
+        # interpreter teardown (torch's takes 2+ s on a busy CPU machine) so the shell gets 130 at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), "")
     parser = build_parser(command)
@@ -64,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: no partial artifacts were left behind", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as e:  # a path we cannot read or write (permissions, full disk, a file where a folder goes)
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: cannot access{where}: {e.strerror or e}. Check the path and its permissions and free space",
+              file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

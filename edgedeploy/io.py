@@ -7,8 +7,35 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status); elsewhere set-and-restore
+    under a lock (os.umask has no read-only form)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike, directory: bool | None = None) -> None:
+    """Give a file made by mkstemp/mkdtemp (always 0600/0700) the mode a plain open()/mkdir() would have:
+    0666/0777 minus the umask (0644/0755 under umask 022), so a Triton or Docker process running as another
+    user can read the artifact."""
+    directory = os.path.isdir(path) if directory is None else directory
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -16,6 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the destination's folder; on success it replaces `path` in one rename.
 
     On any exception (KeyboardInterrupt included) the temporary file is removed and `path` is untouched.
+    The result has the umask's mode (0644 under 022), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,10 +52,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            apply_umask(tmp_path)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def missing_dirs(path: str | os.PathLike) -> list[Path]:
+    """`path` and those of its parents that do not exist yet (what mkdir(parents=True) would create)."""
+    out: list[Path] = []
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def remove_empty_dirs(dirs: list[Path]) -> None:
+    """rmdir each folder that is empty, deepest first (a folder holding anything is left alone)."""
+    for d in sorted(dirs, key=lambda q: len(q.parts), reverse=True):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

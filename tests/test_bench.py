@@ -92,7 +92,7 @@ def test_run_benchmark_on_onnxruntime_batch_and_duration(tmp_path):
         assert rep.h2d is None and rep.compute is not None  # CPU backend: no transfer split to report
         assert rep.latency.min <= rep.latency.median <= rep.latency.max
         assert "H2D Latency" not in rep.format()
-        with pytest.raises(EdgeDeployError, match="--batch must be"):
+        with pytest.raises(EdgeDeployError, match="--batch 0: must be from 1"):
             run_benchmark(eng, BenchConfig(batch=0), progress=False)
 
 

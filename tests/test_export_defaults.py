@@ -90,8 +90,8 @@ def test_input_size_rules_are_per_task(tmp_path, capsys):
     assert report["imgsz"] == 200
     assert {s["name"]: s["status"] for s in report["steps"]}["parity_simplified"] == "ok"
     # a classifier's stride-32 grid needs a multiple of 32: refused before anything is written
-    assert main(["export", "--model", "mobilenetv3_small", "--imgsz", "200", "--out", str(tmp_path / "c")]) == 1
-    assert "classify models need a multiple of 32" in capsys.readouterr().err
+    assert main(["export", "--model", "mobilenetv3_small", "--imgsz", "200", "--out", str(tmp_path / "c")]) == 2
+    assert "must be a multiple of 32 for classify models" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
 

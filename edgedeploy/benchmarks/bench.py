@@ -87,6 +87,16 @@ class BenchConfig:
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     seed: int = 0
 
+    def __post_init__(self) -> None:  # the shared validators: BenchConfig(iterations=0) fails as the CLI does
+        from edgedeploy import options as opt
+
+        self.batch = opt.BATCH.check(self.batch)
+        self.warmup_ms = opt.WARMUP_MS.check(self.warmup_ms)
+        self.duration_s = opt.DURATION_S.check(self.duration_s)
+        self.iterations = opt.ITERATIONS.check_optional(self.iterations)
+        self.min_iterations = opt.ITERATIONS.check(self.min_iterations, "min_iterations")
+        self.percentiles = opt.percentiles(self.percentiles)
+
 
 @dataclass
 class BenchReport:

@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import argparse
 
+from edgedeploy import options as opt
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifacts", nargs="*", help=".engine / .onnx / .pt files (several with --compare)")
     parser.add_argument("--model", help="registry model: benchmarked with PyTorch eager (and named in --compare)")
     parser.add_argument("--weights", help="checkpoint for --model")
-    parser.add_argument("--imgsz", type=int, help="input size for --model (default: the model's)")
-    parser.add_argument("--num-classes", type=int, help="classes in --weights, when not the model's default")
+    parser.add_argument("--imgsz", type=opt.IMGSZ.arg, help="input size for --model (default: the model's)")
+    parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, help="classes in --weights, when not the model's default")
     parser.add_argument("--backend", choices=["tensorrt", "onnxruntime", "onnxruntime-cuda", "torch"],
                         help="override the backend")
     parser.add_argument("--device", help="cpu | cuda (ONNX Runtime / PyTorch)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--warmup", type=float, default=200.0, help="warm-up in ms (default 200, as trtexec)")
-    parser.add_argument("--duration", type=float, default=3.0, help="timed run in seconds (default 3, as trtexec)")
-    parser.add_argument("--iterations", type=int, help="exact number of timed queries (overrides --duration)")
-    parser.add_argument("--percentiles", default="90,95,99", help="comma-separated (default 90,95,99)")
+    parser.add_argument("--batch", type=opt.BATCH.arg, default=1, help="batch size (default 1)")
+    parser.add_argument("--warmup", type=opt.WARMUP_MS.arg, default=200.0, help="warm-up in ms (default 200, as trtexec)")
+    parser.add_argument("--duration", type=opt.DURATION_S.arg, default=3.0, help="timed run in seconds (default 3, as trtexec)")
+    parser.add_argument("--iterations", type=opt.ITERATIONS.arg, help="exact number of timed queries (overrides --duration)")
+    parser.add_argument("--percentiles", type=opt.percentiles.arg, default=(90.0, 95.0, 99.0), help="comma-separated (default 90,95,99)")
     graph = parser.add_mutually_exclusive_group()
     graph.add_argument("--cuda-graph", dest="cuda_graph", action="store_true", default=True,
                        help="TensorRT: replay inference as a CUDA graph (default on, as trtexec 11)")
@@ -146,10 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.artifacts and not args.model:
         raise EdgeDeployError("give an artifact (.engine/.onnx/.pt) or --model NAME to benchmark")
-    try:
-        percentiles = tuple(float(p) for p in args.percentiles.split(",") if p.strip())
-    except ValueError as e:
-        raise EdgeDeployError(f"--percentiles must be numbers like 90,95,99 ({e})") from e
+    percentiles = opt.percentiles(args.percentiles)
     config = BenchConfig(batch=args.batch, warmup_ms=args.warmup, duration_s=args.duration,
                          iterations=args.iterations, percentiles=percentiles)
     entries = ([_entry_for_model(args)] if args.model and (args.compare or not args.artifacts) else [])

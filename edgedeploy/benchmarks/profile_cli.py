@@ -5,25 +5,37 @@ from __future__ import annotations
 import argparse
 import json
 
+from edgedeploy import options as opt
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument("file", nargs="?", metavar="FILE.onnx", help="an exported ONNX file (same as --onnx)")
+    src = parser.add_mutually_exclusive_group()
     src.add_argument("--model", help="registered model name (see `deploy models`)")
     src.add_argument("--onnx", metavar="FILE", help="an exported ONNX file (MACs read from the graph)")
     parser.add_argument(
         "--imgsz",
-        type=int,
+        type=opt.IMGSZ.arg,
         default=None,
         help="square input size (default: the model's own; for ONNX, fills dynamic H/W)",
     )
-    parser.add_argument("--num-classes", type=int, default=None, help="head size (default: the model's own)")
-    parser.add_argument("--top", type=int, default=15, help="layers to list, heaviest first (0 = all)")
+    parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, default=None, help="head size (default: the model's own)")
+    parser.add_argument("--top", type=opt.TOP.arg, default=15, help="layers to list, heaviest first (0 = all)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
     from edgedeploy.benchmarks.profiler import profile_model, profile_onnx
+    from edgedeploy.errors import EdgeDeployError
 
+    if args.file:
+        if args.model or args.onnx:
+            raise EdgeDeployError(f"deploy profile: give one of FILE, --onnx FILE or --model NAME (got {args.file} too)")
+        if not args.file.lower().endswith(".onnx"):
+            raise EdgeDeployError(f"deploy profile {args.file}: expected an .onnx file (or --model NAME)")
+        args.onnx = args.file
+    if not (args.model or args.onnx):
+        raise EdgeDeployError("deploy profile: give an ONNX file (`deploy profile model.onnx`) or --model NAME")
     if args.onnx:
         profile = profile_onnx(args.onnx, imgsz=args.imgsz)
         label = args.onnx

@@ -58,6 +58,9 @@ def synthetic_detection_dataset(
     # Build in a sibling temp folder and rename at the end: a Ctrl-C never leaves a half-written set behind.
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    from edgedeploy.io import apply_umask
+
+    apply_umask(tmp, directory=True)  # mkdtemp makes 0700: the cache should read like any folder
     try:
         _write_split(tmp, "train", num_train, params, np.random.default_rng([seed, 0]))
         _write_split(tmp, "val", num_val, params, np.random.default_rng([seed, 1]))

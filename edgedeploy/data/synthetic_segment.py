@@ -137,6 +137,9 @@ def make_synthetic_segmentation(
                            "choose an empty or new folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    from edgedeploy.io import apply_umask
+
+    apply_umask(tmp, directory=True)  # mkdtemp makes 0700: the cache should read like any folder
     try:
         _write_tree(tmp, params, progress)
         if root.exists():

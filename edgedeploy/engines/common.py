@@ -9,6 +9,10 @@ The `trt` module is passed in, so unit tests can inject a fake that records call
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,17 +104,98 @@ def add_profile(trt: ModuleType, builder, network, config, batch: tuple[int, int
     return shapes
 
 
+class BuildInterrupt:
+    """Ctrl-C while the C++ builder runs: a Python KeyboardInterrupt raised inside one of the builder's
+    callbacks (logger, progress monitor) is swallowed by the bindings and the build runs on. So while
+    building, SIGINT only sets a flag; a progress monitor (IProgressMonitor, TensorRT 10+ and TensorRT-RTX)
+    returns False from step_complete to cancel the build at its next step, and once the builder returns
+    we raise KeyboardInterrupt before anything is written (the CLI exits 130)."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._previous: Any = None
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if not self.requested.is_set():
+            print("\ninterrupt: cancelling the engine build (no engine will be written) ...", file=sys.stderr, flush=True)
+        self.requested.set()
+
+    def __enter__(self) -> "BuildInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def raise_if_requested(self) -> None:
+        if self.requested.is_set():
+            raise KeyboardInterrupt("engine build cancelled")
+
+    def monitor(self, trt: ModuleType):
+        """A trt.IProgressMonitor that cancels the build once Ctrl-C was pressed (None if the API lacks it)."""
+        base = getattr(trt, "IProgressMonitor", None)
+        if base is None:
+            return None
+        requested = self.requested
+
+        class CancellingMonitor(base):  # type: ignore[misc, valid-type]
+            def __init__(self) -> None:
+                base.__init__(self)
+                self.steps = 0
+
+            def phase_start(self, phase_name, parent_phase, num_steps) -> None:  # noqa: D401
+                pass
+
+            def step_complete(self, phase_name, step) -> bool:
+                self.steps += 1
+                return not requested.is_set()  # False cancels the build
+
+            def phase_finish(self, phase_name) -> None:
+                pass
+
+        return CancellingMonitor()
+
+
+def import_builder(module: str) -> ModuleType:
+    """Import tensorrt / tensorrt_rtx_bindings with Ctrl-C deferred: a KeyboardInterrupt inside the native
+    module's initialisation surfaces as an ImportError ("not installed"), the wrong diagnosis and exit code."""
+    import importlib
+
+    with BuildInterrupt() as interrupt:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            interrupt.raise_if_requested()
+            raise
+    interrupt.raise_if_requested()
+    return mod
+
+
 def build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_timing_cache: bool = True) -> BuildResult:
-    """Parse, configure, build and write `req.engine_path` + sidecar. Raises EngineBuildError with the logs."""
+    """Parse, configure, build and write `req.engine_path` + sidecar. Raises EngineBuildError with the logs,
+    KeyboardInterrupt (nothing written) when Ctrl-C was pressed at any point in here."""
+    with BuildInterrupt() as interrupt:  # from parsing (its logger calls back into Python too) to the sidecar
+        result = _build_engine(trt, builder_name, req, use_timing_cache, interrupt)
+    interrupt.raise_if_requested()  # pressed during the (millisecond) write: the pair is complete, then stop
+    return result
+
+
+def _build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_timing_cache: bool,
+                  interrupt: BuildInterrupt) -> BuildResult:
     logger = make_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(req.onnx_path)):
+        interrupt.raise_if_requested()
         msgs = parser_errors(parser) or logger.at_most(trt.ILogger.Severity.ERROR)
         raise EngineBuildError(
             f"{builder_name} ONNX parser rejected {req.onnx_path.name}:\n  " + "\n  ".join(msgs or ["(no message)"])
         )
+    interrupt.raise_if_requested()
     config = builder.create_builder_config()
     if req.workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(req.workspace_mb) << 20)
@@ -130,9 +215,14 @@ def build_engine(trt: ModuleType, builder_name: str, req: BuildRequest, use_timi
             if cache is None or config.set_timing_cache(cache, False) is False:
                 raise EngineBuildError(f"{builder_name} refused a new, empty timing cache")
 
+    monitor = interrupt.monitor(trt)
+    if monitor is not None:
+        with contextlib.suppress(AttributeError, TypeError):
+            config.progress_monitor = monitor
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     build_time = time.perf_counter() - t0
+    interrupt.raise_if_requested()  # before anything is written: no engine under its final name
     if serialized is None:
         msgs = logger.at_most(trt.ILogger.Severity.ERROR) or ["(the builder logged no error)"]
         raise EngineBuildError(f"{builder_name} failed to build {req.engine_path.name}:\n  " + "\n  ".join(msgs))

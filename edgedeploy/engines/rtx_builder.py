@@ -7,10 +7,9 @@ Timing caches are no-ops in TensorRT-RTX, so none is used.
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-from edgedeploy.engines.common import BuildRequest, BuildResult, build_engine
+from edgedeploy.engines.common import BuildRequest, BuildResult, build_engine, import_builder
 from edgedeploy.errors import BuilderUnavailableError
 
 INSTALL_HINT = "TensorRT-RTX is not importable: `pip install edgedeploy[rtx]` (tensorrt-rtx-cu13-bindings + libs)."
@@ -18,7 +17,7 @@ INSTALL_HINT = "TensorRT-RTX is not importable: `pip install edgedeploy[rtx]` (t
 
 def load_rtx() -> ModuleType:
     try:
-        return importlib.import_module("tensorrt_rtx_bindings")
+        return import_builder("tensorrt_rtx_bindings")
     except ImportError as e:
         raise BuilderUnavailableError(INSTALL_HINT) from e
 

@@ -6,10 +6,9 @@ there); the logic is unit-tested with a fake `tensorrt` module and integration t
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-from edgedeploy.engines.common import BuildRequest, BuildResult, build_engine, cuda_device
+from edgedeploy.engines.common import BuildRequest, BuildResult, build_engine, cuda_device, import_builder
 from edgedeploy.errors import BuilderUnavailableError
 
 INSTALL_HINT = (
@@ -22,7 +21,7 @@ INSTALL_HINT = (
 
 def load_tensorrt() -> ModuleType:
     try:
-        return importlib.import_module("tensorrt")
+        return import_builder("tensorrt")
     except ImportError as e:
         raise BuilderUnavailableError(INSTALL_HINT) from e
 

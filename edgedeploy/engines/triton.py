@@ -27,6 +27,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgedeploy import options as opt
 from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.io import atomic_path, atomic_write_text, sha256_file
@@ -50,7 +51,13 @@ class TensorSpec:
 def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001  (protobuf DecodeError on a truncated/corrupt file, OSError ...)
+        raise EdgeDeployError(
+            f"cannot read {path}: not a valid ONNX file (truncated or corrupt? {type(e).__name__}). Re-export it "
+            "with `deploy export`, or copy the complete file"
+        ) from None
     try:  # fill in output shapes the exporter left symbolic
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:
@@ -348,7 +355,20 @@ def write_triton_repo(
         raise EdgeDeployError(f"--kind must be KIND_GPU or KIND_CPU, not {kind}")
     if platform == "tensorrt_plan" and kind == "KIND_CPU":
         raise EdgeDeployError("a TensorRT plan runs on the GPU only: use --kind KIND_GPU")
-    meta = read_sidecar(artifact)
+    meta = read_sidecar(artifact, required=False)
+    if meta is None:
+        raise EdgeDeployError(
+            f"no sidecar {artifact.name}.json beside {artifact}: it records the task, input, normalisation and "
+            "batch the Triton configuration needs. Copy the .json that `deploy export` wrote with the artifact, "
+            "or re-export: `deploy export --model NAME --out DIR` (add --dynamic-batch 1:8:16 for Triton batching)"
+        )
+    if platform == "tensorrt_plan" and meta.builder == "tensorrt-rtx":
+        raise EdgeDeployError(
+            f"{artifact.name} is a TensorRT-RTX {meta.builder_version} engine: it runs only with the TensorRT-RTX "
+            "runtime on an RTX-class GPU, and Triton's TensorRT backend (platform tensorrt_plan) cannot load it. "
+            "Serve the ONNX instead (`deploy triton --onnx ...`), or build a TensorRT plan with the TensorRT version "
+            "of your Triton container (`deploy export --builder tensorrt` inside it)"
+        )
     inputs, outputs = describe_io(artifact, meta)
     name = name or artifact.name.split(".")[0]
 
@@ -396,10 +416,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     src.add_argument("--onnx", help="ONNX file with its .json sidecar")
     p.add_argument("--repo", required=True, help="model repository directory to write into")
     p.add_argument("--name", help="model name in the repository (default: the artifact's stem)")
-    p.add_argument("--max-batch", type=int, default=8, help="Triton max_batch_size (needs a dynamic-batch export)")
-    p.add_argument("--instances", type=int, default=1, help="execution instances per GPU")
+    p.add_argument("--max-batch", type=opt.TRITON_MAX_BATCH.arg, default=8, help="Triton max_batch_size (needs a dynamic-batch export)")
+    p.add_argument("--instances", type=opt.INSTANCES.arg, default=1, help="execution instances per GPU")
     p.add_argument("--kind", default="KIND_GPU", choices=["KIND_GPU", "KIND_CPU"])
-    p.add_argument("--preferred-batch", type=int, nargs="*", help="preferred dynamic-batch sizes")
+    p.add_argument("--preferred-batch", type=opt.BATCH.arg, nargs="*", help="preferred dynamic-batch sizes")
     p.add_argument("--preprocess", action=argparse.BooleanOptionalAction, default=None,
                    help="add a python-backend preprocess step and an ensemble (default: on for detectors; a detector's "
                         "ensemble also ends in NMS + boxes in frame pixels)")
@@ -414,5 +434,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for d in written:
         print(f"wrote {d}/config.pbtxt")
+    meta = read_sidecar(args.engine, required=False) if args.engine else None
+    if meta is not None and meta.builder == "tensorrt":
+        print(f"note: this plan needs TensorRT {meta.builder_version or '(version not recorded)'} in the Triton "
+              f"container (plans do not move between TensorRT versions) and a GPU of compute capability "
+              f"{meta.compute_capability or '(not recorded)'}")
     print(f"start a server with: tritonserver --model-repository {Path(args.repo).resolve()}")
     return 0

@@ -1,6 +1,7 @@
 """`deploy export`: PyTorch -> ONNX (parity-proved) -> FP16 / INT8 Q/DQ ONNX -> TensorRT / TensorRT-RTX engines.
 
-Exit codes: 0 done, 3 engines skipped (no builder installed), 4 parity failure, 1 any other error.
+Exit codes: 0 done, 2 an option out of range, 3 engines skipped (no builder installed), 4 parity failure,
+130 interrupted, 1 any other error (docs/TROUBLESHOOTING.md).
 """
 
 from __future__ import annotations
@@ -8,15 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from edgedeploy import options as opt
 from edgedeploy.errors import EdgeDeployError
-
-
-def _dynamic_batch(text: str) -> tuple[int, int, int]:
-    try:
-        mn, opt, mx = (int(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN:OPT:MAX (e.g. 1:8:16), got {text!r}") from None
-    return mn, opt, mx
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +23,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-convention", metavar="NAME",
                         help="input convention overriding the checkpoint's, e.g. yolox-legacy for weights from "
                              "YOLOX < 0.2.0 (RGB, /255, ImageNet mean/std)")
-    parser.add_argument("--num-classes", type=int, help="classes of the checkpoint's head")
-    parser.add_argument("--imgsz", type=int, help="square input size (default: the model's)")
+    parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, help="classes of the checkpoint's head")
+    parser.add_argument("--imgsz", type=opt.IMGSZ.arg, help="square input size (default: the model's)")
     b = parser.add_mutually_exclusive_group()
-    b.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
-    b.add_argument("--dynamic-batch", type=_dynamic_batch, metavar="MIN:OPT:MAX",
+    b.add_argument("--batch", type=opt.BATCH.arg, default=1, help="static batch size (default 1)")
+    b.add_argument("--dynamic-batch", type=opt.dynamic_batch.arg, metavar="MIN:OPT:MAX",
                    help="dynamic batch axis and the TensorRT optimization profile")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=opt.OPSET.arg, default=17)
     parser.add_argument("--out", default="exports", help="output folder; artifacts go to OUT/<model>/")
     parser.add_argument("--fp16", action="store_true", help="also write an FP16 ONNX (and engine)")
     parser.add_argument("--fp16-io", choices=("fp32", "fp16"), default="fp32", help="FP16 model's input/output type")
@@ -46,8 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", metavar="DIR|synthetic", help="INT8 calibration images: a folder of images, a "
                         "dataset folder (its train split) or `synthetic` (default: the training images the checkpoint "
                         "records; an error when they are gone)")
-    parser.add_argument("--calib-images", type=int, default=64)
-    parser.add_argument("--calib-method", choices=("auto", "minmax", "ema", "percentile", "entropy"), default="auto",
+    parser.add_argument("--calib-images", type=opt.CALIB_IMAGES.arg, default=64)
+    parser.add_argument("--calib-method", choices=opt.CALIB_METHOD.choices, default="auto",
                         help="activation range: percentile (clips rare outliers), minmax (memory-bounded), ema "
                              "(moving-average minmax), entropy (KL, TensorRT's classic); auto = ema for detectors, "
                              "else percentile when its histograms fit in memory, else minmax")
@@ -55,25 +49,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="held-out data for FP16/INT8 accuracy: a labelled dataset folder (its val split: top-1, "
                              "mAP or mIoU), a folder of images (agreement only) or `synthetic` (default: the val "
                              "split of the dataset the checkpoint records; an error when it is gone)")
-    parser.add_argument("--eval-images", type=int, default=None, metavar="N",
+    parser.add_argument("--eval-images", type=opt.EVAL_IMAGES.arg, default=None, metavar="N",
                         help="cap the held-out set at N evenly spaced images (default: the whole split)")
     parser.add_argument("--ignore-index", type=int, default=None,
                         help="segmentation: mask value left out of mIoU (default: the checkpoint's, else 255)")
-    parser.add_argument("--builder", choices=("auto", "tensorrt", "tensorrt-rtx", "none"), default="auto")
-    parser.add_argument("--workspace", type=int, metavar="MB", help="TensorRT workspace memory-pool limit")
+    parser.add_argument("--builder", choices=opt.BUILDER.choices, default="auto")
+    parser.add_argument("--workspace", type=opt.WORKSPACE_MB.arg, metavar="MB", help="TensorRT workspace memory-pool limit")
     parser.add_argument("--timing-cache", help="timing cache file (default OUT/<model>/timing.cache)")
-    parser.add_argument("--rtol", type=float, help="parity rtol (default 1e-3)")
-    parser.add_argument("--atol", type=float, help="parity atol (default 1e-5, the classic recipe's)")
+    parser.add_argument("--rtol", type=opt.TOLERANCE.arg, help="parity rtol (default 1e-3)")
+    parser.add_argument("--atol", type=opt.TOLERANCE.arg, help="parity atol (default 1e-5, the classic recipe's)")
     parser.add_argument("--no-simplify", action="store_true")
     parser.add_argument("--force", action="store_true", help="rebuild everything, even up-to-date artifacts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=opt.SEED.arg, default=0)
     parser.add_argument("--no-progress", action="store_true")
     d = parser.add_argument_group("detection models")
-    d.add_argument("--nms", choices=("none", "onnx", "trt"), help="NMS in the graph: ONNX NonMaxSuppression "
+    d.add_argument("--nms", choices=opt.NMS_MODE.choices, help="NMS in the graph: ONNX NonMaxSuppression "
                    "(default), TensorRT's EfficientNMS/NMS layer, or none (decoded boxes + scores)")
-    d.add_argument("--max-det", type=int, help="detections kept per image (default 100)")
-    d.add_argument("--iou-thres", type=float, help="NMS IoU threshold (default 0.45)")
-    d.add_argument("--conf-thres", type=float, help="score threshold (default 0.25)")
+    d.add_argument("--max-det", type=opt.MAX_DET.arg, help="detections kept per image (default 100)")
+    d.add_argument("--iou-thres", type=opt.IOU_THRES.arg, help="NMS IoU threshold (default 0.45)")
+    d.add_argument("--conf-thres", type=opt.CONF_THRES.arg, help="score threshold (default 0.25)")
     d.add_argument("--agnostic", action="store_true", default=None, help="class-agnostic NMS")
     g = parser.add_argument_group("segmentation models")
     g.add_argument("--argmax", action="store_true", default=None, help="output class ids (in-graph argmax), not logits")

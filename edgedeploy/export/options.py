@@ -48,6 +48,32 @@ class ExportOptions:
     progress: bool = True
     task_options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """The shared validators (edgedeploy.options): `export(imgsz=0)` fails as `deploy export --imgsz 0` does."""
+        from edgedeploy import options as opt
+
+        self.num_classes = opt.NUM_CLASSES.check_optional(self.num_classes)
+        self.imgsz = opt.IMGSZ.check_optional(self.imgsz)
+        if self.dynamic_batch is not None:
+            self.dynamic_batch = opt.dynamic_batch(self.dynamic_batch)
+        else:
+            self.batch = opt.BATCH.check(self.batch)
+        self.opset = opt.OPSET.check(self.opset)
+        self.calib_images = opt.CALIB_IMAGES.check(self.calib_images)
+        self.eval_images = opt.EVAL_IMAGES.check_optional(self.eval_images)
+        self.calib_method = opt.CALIB_METHOD.check(self.calib_method)
+        self.builder = opt.BUILDER.check(self.builder)
+        self.fp16_io = opt.FP16_IO.check(self.fp16_io)
+        self.workspace_mb = opt.WORKSPACE_MB.check_optional(self.workspace_mb)
+        self.rtol = opt.TOLERANCE.check_optional(self.rtol, "--rtol")
+        self.atol = opt.TOLERANCE.check_optional(self.atol, "--atol")
+        self.seed = opt.SEED.check(self.seed)
+        t = self.task_options
+        for key, option in (("max_det", opt.MAX_DET), ("conf_thres", opt.CONF_THRES), ("iou_thres", opt.IOU_THRES),
+                            ("nms", opt.NMS_MODE)):
+            if t.get(key) is not None:
+                t[key] = option.check(t[key])
+
     @property
     def batch_shape(self) -> tuple[int, int, int]:
         """(min, opt, max) batch, static batches giving (b, b, b)."""

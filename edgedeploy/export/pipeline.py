@@ -7,8 +7,8 @@ every artifact whose key and file are unchanged (`force=True` rebuilds all).
 
 from __future__ import annotations
 
+import copy
 import functools
-
 import hashlib
 import json
 import os
@@ -23,10 +23,11 @@ from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
 from edgedeploy.errors import BuilderUnavailableError, EdgeDeployError, EngineBuildError, ParityError
 from edgedeploy.export.options import BUILDERS, ExportOptions
 from edgedeploy.export.parity import ParityResult, figure as parity_figure, prove
-from edgedeploy.export.report import ExportReport, Step, load_report
+from edgedeploy.export.report import REPORT_NAME, ExportReport, Step, load_report
+from edgedeploy.io import missing_dirs, sha256_file
 from edgedeploy.export.tasks.base import EvalData, TaskAdapter, get_task_adapter
-from edgedeploy.io import sha256_file
 
+FAILED_REPORT_NAME = "export_report.failed.json"  # the last failed run, beside the good report
 _CODE_FILES = ("onnx_export.py", "simplify.py", "parity.py", "fp16.py", "int8.py", "weights.py", "pipeline.py")
 
 
@@ -155,18 +156,11 @@ class _Exporter:
         self.log = log
         self.info = get_model_info(options.model)
         self.adapter: TaskAdapter = get_task_adapter(self.info.task)
-        self.imgsz = int(options.imgsz or self._checkpoint_meta(options.weights, self.info.name).get("imgsz")
-                         or self.info.imgsz)
-        multiple = self.adapter.imgsz_multiple
-        if self.imgsz < 32 or self.imgsz % multiple:
-            rule = f"a multiple of {multiple}, " if multiple > 1 else ""
-            raise EdgeDeployError(f"--imgsz {self.imgsz}: {self.info.task} models need {rule}at least 32")
-        if options.dynamic_batch:
-            mn, opt, mx = options.dynamic_batch
-            if not (1 <= mn <= opt <= mx):
-                raise EdgeDeployError(f"--dynamic-batch {mn}:{opt}:{mx}: need 1 <= MIN <= OPT <= MAX")
-        elif options.batch < 1:
-            raise EdgeDeployError(f"--batch {options.batch}: must be >= 1")
+        from edgedeploy.options import check_imgsz
+
+        self.imgsz = check_imgsz(options.imgsz or self._checkpoint_meta(options.weights, self.info.name).get("imgsz")
+                                 or self.info.imgsz, self.adapter.imgsz_multiple, batch=options.batch_shape[2],
+                                 who=f"{self.info.task} models")
         self.name = self.info.name
         self.ckpt_meta = self._checkpoint_meta(options.weights, self.info.name)
         self._apply_input_convention()
@@ -175,9 +169,12 @@ class _Exporter:
         if options.fp16 or options.int8:
             self.eval_data()  # bad held-out data (classes, masks, labels) stops here, before anything is written
         self.out = Path(options.out) / self.name
+        self._new_dirs = missing_dirs(self.out) if writes else []  # removed again if a failed run leaves them empty
         if writes:
             _check_writable(self.out)
-        self.previous = None if options.force or not writes else load_report(self.out)
+        self._prior = load_report(self.out) if writes else None  # kept (reuse keys included) if this run fails
+        self.previous = None if options.force else self._prior
+        self._started = time.time()
         self.weights_sha = sha256_file(options.weights) if options.weights and Path(options.weights).is_file() else None
         self.code = code_version()
         self.report = ExportReport(
@@ -326,9 +323,48 @@ class _Exporter:
         self.report.add(step)
         for a in step.artifacts:
             self.report.artifacts[step.name if len(step.artifacts) == 1 else a] = a
-        self.report.write()
+        if self._prior is None or self._redone():  # a run that only reused steps leaves the good report as it was
+            self._report_so_far().write()
         self.log(f"  {step.name:<20} {step.status:<7} {step.time_s:6.1f}s  {step.figure}")
         return step
+
+    def _report_so_far(self, started: float | None = None) -> ExportReport:
+        """This run's steps over the previous report's: steps not reached yet keep their entries and reuse
+        keys (the keys chain on upstream keys, so a changed ONNX still invalidates what was built from it).
+        `started`: also drop kept steps whose artifacts were rewritten since then (by this failed run; 2 s of
+        slack for file systems with coarse timestamps: at worst a step is redone)."""
+        if self._prior is None:
+            return self.report
+        done = {s.name for s in self.report.steps}
+        kept = [s for s in self._prior.steps if s.name not in done and not (
+            started is not None and any((self.out / a).exists() and (self.out / a).stat().st_mtime >= started - 2.0
+                                        for a in s.artifacts))]
+        merged = copy.copy(self.report)
+        merged.steps = list(self.report.steps) + kept
+        merged.artifacts = {**self._prior.artifacts, **self.report.artifacts}
+        return merged
+
+    def _redone(self) -> bool:
+        """Whether this run rewrote any artifact (a step not reused)."""
+        return any(s.status != "reused" for s in self.report.steps)
+
+    def _failed(self, err: BaseException) -> None:
+        """A failed or interrupted run: the report keeps every good step (the previous run's included), the
+        failure goes beside it in export_report.failed.json, and folders this run created empty are removed."""
+        from edgedeploy.io import atomic_write_json, remove_empty_dirs
+
+        try:
+            if self.out.is_dir() and (self.report.steps or self._prior is not None):
+                if self._prior is None or self._redone():
+                    self._report_so_far(started=self._started).write()
+                atomic_write_json(self.out / FAILED_REPORT_NAME, {
+                    "error": f"{type(err).__name__}: {err}" if str(err) else type(err).__name__,
+                    "interrupted": isinstance(err, KeyboardInterrupt),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "steps": [vars(s) for s in self.report.steps],
+                })
+        finally:
+            remove_empty_dirs(self._new_dirs)
 
     def meta(self, precision: str, input_dtype: str = "float32") -> ArtifactMeta:
         mn, opt, mx = self.o.batch_shape
@@ -518,7 +554,7 @@ class _Exporter:
         step = Step(name, "ok" if ok else "failed", time.perf_counter() - t0, parity_figure(result),
                     {**result.to_dict(), "table": result.table()}, key if ok else "", [])
         self.record(step)
-        raise_if_failed(result, flat, self.random_weights, onnx_path.name, self.out / "export_report.json")
+        raise_if_failed(result, flat, self.random_weights, onnx_path.name, self.out / REPORT_NAME)
 
     def step_simplify(self, raw: Path, onnx_key: str) -> Path:
         path = self.path(".onnx")
@@ -716,6 +752,7 @@ class _Exporter:
             src_meta = self.meta(precision)
             req = BuildRequest(onnx_path, engine, src_meta, self.o.batch_shape, self.o.workspace_mb,
                                timing_cache if builder == "tensorrt" else None)
+            self.log(f"  {name:<20} building with {builder} (Ctrl-C cancels; nothing is written) ...")
             t0 = time.perf_counter()
             try:
                 res = build(req)
@@ -735,6 +772,15 @@ class _Exporter:
 
     # ----------------------------------------------------------------------------------------------- run
     def run(self) -> ExportReport:
+        try:
+            report = self._run()
+        except BaseException as e:
+            self._failed(e)
+            raise
+        (self.out / FAILED_REPORT_NAME).unlink(missing_ok=True)
+        return report
+
+    def _run(self) -> ExportReport:
         from tqdm import tqdm
 
         o = self.o

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgedeploy import options as opt
 from edgedeploy.errors import CheckpointError, EdgeDeployError, RuntimeUnavailableError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -46,9 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="checkpoint to prove against (default: the one the sidecar records; "
                                           "exports made without --weights are rebuilt from their seed)")
     parser.add_argument("--data", metavar="DIR", help="prove on these images instead of the synthetic inputs")
-    parser.add_argument("--images", type=int, help="parity inputs (default: as at export)")
-    parser.add_argument("--rtol", type=float, help="default: the tolerance recorded at export")
-    parser.add_argument("--atol", type=float, help="default: the tolerance recorded at export")
+    parser.add_argument("--images", type=opt.EVAL_IMAGES.arg, help="parity inputs (default: as at export)")
+    parser.add_argument("--rtol", type=opt.TOLERANCE.arg, help="default: the tolerance recorded at export")
+    parser.add_argument("--atol", type=opt.TOLERANCE.arg, help="default: the tolerance recorded at export")
     parser.add_argument("--report", metavar="FILE", help="also write the result as JSON")
 
 

@@ -11,9 +11,11 @@ Nothing in a file runs code: plain tensor pickles load with `weights_only=True`;
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -23,7 +25,32 @@ import torch.nn as nn
 from edgedeploy.errors import CheckpointError
 
 
+def _numpy_scalar_globals() -> list[Any]:
+    """numpy scalars (np.float64(0.73) from a metric) pickle as `numpy.core.multiarray.scalar(dtype, bytes)`:
+    rebuilding one runs no user code, so checkpoints written before meta was made plain still load."""
+    import numpy as np
+
+    out: list[Any] = [np.dtype]
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            out.append(getattr(__import__(mod, fromlist=["scalar"]), "scalar"))
+            break
+        except (ImportError, AttributeError):
+            continue
+    for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_):
+        out.append(type(np.dtype(t)))
+    return out
+
+
+# Allowed on top of torch's weights-only set (tensors, dicts, lists, tuples, str, numbers, OrderedDict): numpy
+# scalars, and argparse.Namespace (timm and others save their training args), which only gets attributes set.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint without running code from it: `torch.load(weights_only=True)` (plus numpy scalars and
+    argparse.Namespace); a pickle needing more goes to `safe_pickle.restricted_load`, whose allow-list refuses
+    anything that could run code (a pickle calling os.system is refused before any of it runs)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     from edgedeploy.models.weights_file import _looks_like_safetensors, read_weights_file
@@ -31,14 +58,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if _looks_like_safetensors(os.fspath(path)):  # timm / hub exports
         return read_weights_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals() + SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # needs globals beyond tensors: only the allow-list, module classes inert
         from edgedeploy.models.official.yolov5 import STANDIN_PREFIXES
         from edgedeploy.models.safe_pickle import restricted_load
 
         obj = restricted_load(path, standin_prefixes=STANDIN_PREFIXES)
     except Exception as e:  # truncated file, not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a state dict. Save `model.state_dict()` (or our training "
@@ -198,7 +228,16 @@ def checkpoint_meta(path: str | os.PathLike, model_name: str | None = None) -> d
 
 
 def apply_weights(model: nn.Module, weights: Weights) -> dict[str, Any]:
-    check_state_dict(model, weights.state_dict)
+    try:
+        check_state_dict(model, weights.state_dict)
+    except CheckpointError:
+        saved, info = weights.meta.get("model_name"), getattr(model, "model_info", None)
+        if saved and info is not None and saved != info.name:  # a checkpoint of another model: say which
+            raise CheckpointError(
+                f"this is a checkpoint of {saved} (recorded in its meta), not of {info.name}: pass --model {saved}, "
+                "or leave --model out and it is taken from the checkpoint"
+            ) from None
+        raise
     model.load_state_dict(weights.state_dict, strict=True)
     return weights.meta
 

@@ -109,7 +109,10 @@ def create_model(
 
     The model gets `model.checkpoint_meta` (the checkpoint's metadata; for an official file its `source` and
     `preprocess`, the original's input convention, which preprocessing must then follow)."""
+    from edgedeploy.options import NUM_CLASSES
+
     info = get_model_info(name)
+    num_classes = NUM_CLASSES.check_optional(num_classes, "num_classes")
     resolved = None
     if weights is not None:
         from edgedeploy.models.checkpoint import resolve_weights

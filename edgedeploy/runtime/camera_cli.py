@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from edgedeploy import options as opt
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", help="artifact to run: .engine (TensorRT), .onnx (ONNX Runtime) or .pt (with --model "
@@ -20,14 +22,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save", help="write the annotated stream to this video file (.mp4 / .avi)")
     parser.add_argument("--backend", choices=["tensorrt", "onnxruntime", "torch"], help="override the backend")
     parser.add_argument("--device", help="cpu | cuda (ONNX Runtime / PyTorch backends)")
-    parser.add_argument("--imgsz", type=int, help="input size for --model (default: the model's)")
-    parser.add_argument("--num-classes", type=int, help="classes in the checkpoint, when no sidecar says")
-    parser.add_argument("--conf", type=float, default=0.25, help="detection score threshold")
-    parser.add_argument("--iou", type=float, default=0.45, help="NMS IoU threshold")
-    parser.add_argument("--max-frames", type=int, help="stop after this many frames")
+    parser.add_argument("--imgsz", type=opt.IMGSZ.arg, help="input size for --model (default: the model's)")
+    parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, help="classes in the checkpoint, when no sidecar says")
+    parser.add_argument("--conf", type=opt.CONF_THRES.arg, default=0.25, help="detection score threshold")
+    parser.add_argument("--iou", type=opt.IOU_THRES.arg, default=0.45, help="NMS IoU threshold")
+    parser.add_argument("--max-frames", type=opt.MAX_FRAMES.arg, help="stop after this many frames")
     parser.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay inference as a CUDA graph")
     parser.add_argument("--no-gpu-preprocess", action="store_true", help="TensorRT: preprocess on the CPU instead")
-    parser.add_argument("--reconnect", type=int, default=5, help="reopen attempts when a live source drops")
+    parser.add_argument("--reconnect", type=opt.RECONNECT.arg, default=5, help="reopen attempts when a live source drops")
 
 
 def build_pipeline(args: argparse.Namespace):
@@ -61,4 +63,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         pipeline.close()
     print(summary.format())
+    if summary.end_reason == "interrupted":  # Ctrl-C: summary printed and video finalised, as scripts expect 130
+        from edgedeploy.errors import EXIT_INTERRUPTED
+
+        return EXIT_INTERRUPTED
     return 0 if summary.end_reason != "source lost" else 1

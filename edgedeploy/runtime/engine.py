@@ -212,6 +212,9 @@ def load_engine(
     `.engine` -> TensorRT (sidecar checked first), `.onnx` -> ONNX Runtime, `.pt` -> PyTorch (registry model
     `model`, or the sidecar's `model` field; `num_classes`/`imgsz` when no sidecar gives them).
     """
+    from edgedeploy.options import IMGSZ, NUM_CLASSES
+
+    num_classes, imgsz = NUM_CLASSES.check_optional(num_classes, "num_classes"), IMGSZ.check_optional(imgsz, "imgsz")
     path = Path(path)
     if not path.exists():
         raise EdgeDeployError(f"{path} does not exist")

@@ -79,12 +79,12 @@ def as_bgr(frame: Any) -> np.ndarray:
         )
     if frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame[:, :, 0]
+    if frame.ndim in (2, 3) and (frame.shape[0] == 0 or frame.shape[1] == 0):  # before cv2, which would raise
+        raise InputError(f"empty frame of shape {frame.shape}: a frame needs at least 1x1 pixels")
     if frame.ndim == 2:
         return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
     if frame.ndim != 3 or frame.shape[2] not in (3, 4):
         raise InputError(f"frame of shape {frame.shape}: expected HxW (gray), HxWx3 (BGR) or HxWx4 (BGRA)")
-    if frame.shape[0] == 0 or frame.shape[1] == 0:
-        raise InputError(f"empty frame of shape {frame.shape}")
     return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR) if frame.shape[2] == 4 else frame
 
 

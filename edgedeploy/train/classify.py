@@ -268,6 +268,12 @@ def train_classifier(
         data, cfg["imgsz"], info.mean, info.std, num_classes=num_classes, seed=seed, progress=progress,
         augment=augment_level,
     )
+    if len(class_names) < 2:
+        raise EdgeDeployError(
+            f"{data_root} has {len(class_names)} class ({', '.join(map(str, class_names)) or 'none'}): a classifier "
+            "needs at least 2 (with one, the loss is 0 from the start and top-1 is 100% whatever the weights). "
+            "Add a sub-folder per class under train/ and val/"
+        )
     out = Path(out_dir) if out_dir is not None else run_dir("runs/train", info.name)
     out.mkdir(parents=True, exist_ok=True)
 

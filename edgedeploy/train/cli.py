@@ -16,6 +16,8 @@ import importlib
 import importlib.util
 from pathlib import Path
 
+from edgedeploy import options as opt
+
 TASK_TRAINERS = {
     "detect": ("edgedeploy.train.detect", "train_detector"),
     "segment": ("edgedeploy.train.segment", "train_segmenter"),
@@ -29,25 +31,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="dataset folder (classify: ImageFolder DATA/train/<class>/*.jpg, DATA/val/...) or `synthetic` "
         "(default: built-in generated set with a preset that trains in minutes on a CPU)",
     )
-    parser.add_argument("--epochs", type=int, default=None, help="default: task/preset dependent")
-    parser.add_argument("--batch", "--batch-size", dest="batch", type=int, default=None, help="batch size")
-    parser.add_argument("--imgsz", type=int, default=None, help="square training size in pixels")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate after warm-up")
+    parser.add_argument("--epochs", type=opt.EPOCHS.arg, default=None, help="default: task/preset dependent")
+    parser.add_argument("--batch", "--batch-size", dest="batch", type=opt.BATCH.arg, default=None, help="batch size")
+    parser.add_argument("--imgsz", type=opt.IMGSZ.arg, default=None, help="square training size in pixels")
+    parser.add_argument("--lr", type=opt.LR.arg, default=None, help="peak learning rate after warm-up")
     parser.add_argument("--opt", dest="opt", choices=("sgd", "adamw"), default=None, help="optimizer")
-    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--weight-decay", type=opt.WEIGHT_DECAY.arg, default=None)
     parser.add_argument(
-        "--label-smoothing", type=float, default=None, help="classify: cross-entropy smoothing (0.1; 0 for synthetic)"
+        "--label-smoothing", type=opt.LABEL_SMOOTHING.arg, default=None, help="classify: cross-entropy smoothing (0.1; 0 for synthetic)"
     )
     parser.add_argument("--no-ema", action="store_true", help="no exponential moving average of the weights")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision (AMP is used on CUDA only)")
-    parser.add_argument("--workers", type=int, default=None, help="data-loader processes")
+    parser.add_argument("--workers", type=opt.WORKERS.arg, default=None, help="data-loader processes")
     parser.add_argument("--out", default=None, help="run folder (default: runs/train/<model>, <model>2, ...)")
     parser.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="LAST_PT",
         help="continue an interrupted run: `--resume RUN/last.pt`, or `--out RUN --resume`",
     )
-    parser.add_argument("--num-classes", type=int, default=None, help="must match the dataset; synthetic: shapes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, default=None, help="must match the dataset; synthetic: shapes")
+    parser.add_argument("--seed", type=opt.SEED.arg, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     for task, (module, _) in TASK_TRAINERS.items():
@@ -78,6 +80,37 @@ def run(args: argparse.Namespace) -> int:
         raise EdgeDeployError("deploy train: pass --model NAME (`deploy models` lists them)")
     args.model = model_name
     info = get_model_info(model_name)
+    before = _output_snapshot(args)
+    try:
+        return _dispatch(args, info)
+    except BaseException:
+        _remove_new_empty_dirs(before)  # a failed run leaves no new empty run folder behind
+        raise
+
+
+def _output_snapshot(args: argparse.Namespace) -> list[tuple[Path, set[str], list[Path]]]:
+    """For the explicit --out and the default runs/train base: the sub-folders there now, and which of the
+    folder and its parents do not exist yet."""
+    from edgedeploy.io import missing_dirs
+
+    snap = []
+    for d in ([Path(args.out)] if args.out else []) + [Path("runs/train")]:
+        d = d.absolute()
+        snap.append((d, {p.name for p in d.iterdir()} if d.is_dir() else set(), missing_dirs(d)))
+    return snap
+
+
+def _remove_new_empty_dirs(before: list[tuple[Path, set[str], list[Path]]]) -> None:
+    """rmdir the run folders (and parents) this run created that are still empty; anything holding a file stays."""
+    from edgedeploy.io import remove_empty_dirs
+
+    for d, names, missing in before:
+        new = [p for p in d.iterdir() if p.is_dir() and p.name not in names] if d.is_dir() else []
+        remove_empty_dirs(new + missing)
+
+
+def _dispatch(args: argparse.Namespace, info) -> int:
+    from edgedeploy.errors import EdgeDeployError
 
     if info.task == "classify":
         return _train_classify(args)

@@ -272,8 +272,8 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "epoch": int(epoch),
-        "best_metric": best_metric,
-        "meta": dict(meta),
+        "best_metric": plain_tree(best_metric),
+        "meta": plain_tree(dict(meta)),
         "version": CHECKPOINT_VERSION,
     }
     return atomic_torch_save(ckpt, path)
@@ -378,6 +378,21 @@ class MetricsLogger:
         with atomic_path(png_path) as tmp:
             fig.savefig(tmp, format="png")
         return png_path
+
+
+def plain_tree(v: Any) -> Any:
+    """Metadata made of plain Python values only (numpy/torch scalars -> numbers, paths -> str), so the
+    checkpoint loads with torch.load(weights_only=True) and never needs an unpickler allow-list."""
+    if isinstance(v, Mapping):
+        return {str(k) if not isinstance(k, (int, str)) else k: plain_tree(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, set)):
+        return [plain_tree(x) for x in v]
+    if isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim > 0:
+        return [plain_tree(x) for x in v.tolist()]
+    v = _plain(v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)  # Path, enum, argparse.Namespace ... -> its text
 
 
 def _plain(v: Any) -> Any:

@@ -340,11 +340,14 @@ def detections_from_outputs(
 
 def add_detect_eval_arguments(parser) -> None:
     """Detection flags for `deploy eval` (only those the parser does not define already)."""
+    from edgedeploy import options as opt
+
     have = set(parser._option_string_actions)
     for flags, kw in (
-        (("--conf-thres",), {"type": float, "default": EVAL_CONF, "help": "score threshold before NMS (mAP: keep low)"}),
-        (("--iou-thres",), {"type": float, "default": EVAL_IOU, "help": "NMS IoU threshold"}),
-        (("--max-det",), {"type": int, "default": EVAL_MAX_DET, "help": "detections kept per image"}),
+        (("--conf-thres",), {"type": opt.CONF_THRES.arg, "default": EVAL_CONF, "help": "detect: score threshold before NMS (mAP: keep low)"}),
+        (("--iou-thres",), {"type": opt.IOU_THRES.arg, "default": EVAL_IOU, "help": "detect: NMS IoU threshold"}),
+        (("--max-det",), {"type": opt.MAX_DET.arg, "default": EVAL_MAX_DET, "help": "detect: detections kept per image"}),
+        (("--out",), {"default": None, "help": "detect: folder for pr_curve.png and eval_<artifact>.json (default: beside the artifact)"}),
         (("--split",), {"default": "val", "help": "dataset split to evaluate"}),
     ):
         if not any(f in have for f in flags):

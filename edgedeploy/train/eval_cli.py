@@ -11,6 +11,7 @@ import argparse
 import importlib
 from pathlib import Path
 
+from edgedeploy import options as opt
 from edgedeploy.errors import EdgeDeployError
 
 TASK_EVALUATORS = {
@@ -27,15 +28,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="registry name (default: recorded in the artifact)")
     parser.add_argument("--data", default=None, help="dataset folder or `synthetic` (default: the training data)")
     parser.add_argument("--split", default="val", help="dataset split to evaluate")
-    parser.add_argument("--imgsz", type=int, default=None, help="default: the training size recorded in the artifact")
-    parser.add_argument("--batch", "--batch-size", dest="batch", type=int, default=None)
-    parser.add_argument("--num-classes", type=int, default=None, help="default: recorded in the checkpoint")
+    parser.add_argument("--imgsz", type=opt.IMGSZ.arg, default=None, help="default: the training size recorded in the artifact")
+    parser.add_argument("--batch", "--batch-size", dest="batch", type=opt.BATCH.arg, default=None)
+    parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, default=None, help="default: recorded in the checkpoint")
     parser.add_argument("--ignore-index", type=int, default=None,
                         help="segmentation: mask value left out of mIoU (default: recorded at training, else 255)")
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=opt.WORKERS.arg, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (PyTorch checkpoints)")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    from edgedeploy.train.detect_eval import add_detect_eval_arguments
+
+    add_detect_eval_arguments(parser.add_argument_group("detection models"))
 
 
 def _artifact(args: argparse.Namespace) -> str:
@@ -151,6 +155,8 @@ def _eval_classify(args: argparse.Namespace, path: str, model_name: str | None, 
     num_classes = len(meta["class_names"]) if data == "synthetic" and meta.get("class_names") else None
     if args.split != "val":
         raise EdgeDeployError("classification eval reads the val split of the dataset (--split val)")
+    # open the artifact first: a corrupt file fails in a second, not after the dataset is read or generated
+    predict, batch = predictor_for_artifact(path, model_name, args.num_classes, args.device)
     _, val, class_names, root = classification_datasets(
         data, imgsz, meta.get("mean") or info.mean, meta.get("std") or info.std, num_classes=num_classes,
         seed=int(saved.get("seed", 0)), augment=False, progress=not args.quiet,
@@ -160,7 +166,6 @@ def _eval_classify(args: argparse.Namespace, path: str, model_name: str | None, 
         raise EdgeDeployError(
             f"{path} was trained on classes {trained}, but {root} has {class_names}: labels would not line up"
         )
-    predict, batch = predictor_for_artifact(path, model_name, args.num_classes, args.device)
     scores = evaluate_classifier(predict, val, batch_size=args.batch or batch, workers=args.workers,
                                  progress=not args.quiet)
     print(
