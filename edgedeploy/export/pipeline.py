@@ -301,8 +301,11 @@ class _Exporter:
     def report_prev(self, name: str) -> Step:
         return self.previous.step(name)  # type: ignore[union-attr]
 
+    def _runs_in_ort(self) -> bool:
+        return bool(getattr(self.adapter, "runs_in_onnxruntime", lambda _o: True)(self.o))
+
     def step_parity(self, name: str, onnx_path: Path, key: str) -> None:
-        if not getattr(self.adapter, "runs_in_onnxruntime", lambda _o: True)(self.o):  # e.g. a TensorRT plugin node
+        if not self._runs_in_ort():  # e.g. a TensorRT plugin node
             self.record(Step(name, "skipped", 0.0, "graph has a TensorRT plugin op: not runnable in ONNX Runtime",
                              {"reason": "not runnable in ONNX Runtime"}))
             return
@@ -432,18 +435,26 @@ class _Exporter:
         if opts.fp16_io not in ("fp32", "fp16"):
             raise EdgeDeployError(f"--fp16-io {opts.fp16_io!r}: choose fp32 or fp16")
         t0 = time.perf_counter()
-        out, info = convert_fp16(onnx.load(str(fp32_path)), opts.fp16_io == "fp32", self.adapter.fp16_op_block_list(opts))
+        in_ort = self._runs_in_ort()
+        # convert_fp16 proves the result loads in ORT (or type-checks) before anything is written
+        out, info = convert_fp16(onnx.load(str(fp32_path)), opts.fp16_io == "fp32", self.adapter.fp16_op_block_list(opts),
+                                 runs_in_onnxruntime=in_ort)
         atomic_write_bytes(path, out.SerializeToString())
-        try:
-            acc = self._accuracy(fp32_path, path)  # also proves ORT CPU can run it
-        except EdgeDeployError:
-            raise
-        except Exception as e:  # noqa: BLE001  (ORT refusing an FP16 graph is an export error)
-            path.unlink(missing_ok=True)
-            raise EdgeDeployError(f"the FP16 ONNX does not run in ONNX Runtime CPU: {type(e).__name__}: {e}") from e
+        if in_ort:
+            try:
+                acc = self._accuracy(fp32_path, path)
+            except EdgeDeployError:
+                path.unlink(missing_ok=True)
+                raise
+            except Exception as e:  # noqa: BLE001  (ORT failing on an FP16 graph is an export error)
+                path.unlink(missing_ok=True)
+                raise EdgeDeployError(f"the FP16 ONNX does not run in ONNX Runtime CPU: {type(e).__name__}: {e}; "
+                                      "the FP32 ONNX is kept") from e
+            figure, details = self._accuracy_figure(acc), {**info, "accuracy": acc}
+        else:
+            figure, details = "type-checked (plugin graph: not runnable in ONNX Runtime)", info
         self.write_onnx_sidecar(path, "fp16", "float32" if opts.fp16_io == "fp32" else "float16")
-        self.record(Step("fp16", "ok", time.perf_counter() - t0, self._accuracy_figure(acc),
-                         {**info, "accuracy": acc}, key, [path.name]))
+        self.record(Step("fp16", "ok", time.perf_counter() - t0, figure, details, key, [path.name]))
         return path
 
     def calibration_inputs(self) -> tuple[list[np.ndarray], int, str]:
