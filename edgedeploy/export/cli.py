@@ -55,6 +55,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtol", type=float, help="parity rtol (default: task's, 1e-3 for classify)")
     parser.add_argument("--atol", type=float, help="parity atol (default: task's, 1e-4 for classify)")
     parser.add_argument("--no-simplify", action="store_true")
+    parser.add_argument("--simplifier", choices=("auto", "onnxsim", "onnxslim", "none"), default="auto",
+                        help="graph simplifier: auto tries onnxsim, then onnxslim, then none (why is recorded)")
     parser.add_argument("--force", action="store_true", help="rebuild everything, even up-to-date artifacts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -127,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         out=args.out,
         simplify=not args.no_simplify,
+        simplifier=args.simplifier,
         fp16=args.fp16,
         fp16_io=args.fp16_io,
         fp16_keep=args.fp16_keep,

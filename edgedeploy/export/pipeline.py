@@ -127,6 +127,10 @@ class _Exporter:
             options=options.to_dict(),
             environment=self._environment(),
         )
+        self.nms_choice, self.nms_unbuildable = self._choose_nms()
+        if options.int8 and not self._runs_in_ort():
+            raise EdgeDeployError("--int8 needs ONNX Runtime to calibrate the FP32 graph, and it cannot run the "
+                                  "EfficientNMS_TRT plugin node of --nms trt: export with --nms onnx or --nms none")
         self.input_names = self.adapter.input_names(options)
         self.output_names = self.adapter.output_names(options)
         rtol, atol = self.adapter.parity_tolerance("fp32")
@@ -158,6 +162,39 @@ class _Exporter:
             o.calib = str(calib_dir) if calib_dir is not None else "synthetic"
         if o.eval_data is None:
             o.eval_data = str(eval_root) if eval_root is not None else "synthetic"
+
+    def _choose_nms(self) -> tuple[dict[str, str] | None, str]:
+        """A detector's in-graph NMS mode, fitted to the builder that will run (TensorRT-RTX 1.7 cannot build ONNX
+        NonMaxSuppression: "has no runners"). Defaulted NMS the builder cannot build -> decoded boxes + scores and
+        the runtime's NMS (`--nms none`), recorded; an explicit `--nms` it cannot build -> (None, reason): the
+        ONNX files are still written and the engines are skipped with exit 3."""
+        if self.info.task != "detect":
+            return None, ""
+        from edgedeploy.errors import BuilderUnavailableError
+        from edgedeploy.export.tasks.detect import detect_options
+
+        try:
+            builder, _ = select_builder(self.o.builder)
+        except BuilderUnavailableError:
+            return None, ""  # reported by step_engines
+        if builder == "none":
+            return None, ""
+        if builder == "tensorrt":
+            from edgedeploy.engines.tensorrt_builder import supported_nms
+        else:
+            from edgedeploy.engines.rtx_builder import supported_nms
+        support = supported_nms()
+        mode = detect_options(self.o)["nms"]
+        why = support.get(mode, "")
+        if not why:
+            return None, ""
+        if "nms" in self.o.task_options:  # asked for explicitly: keep it, skip the engines (exit 3)
+            return None, f"{builder} cannot build --nms {mode}: {why}"
+        self.o.task_options = {**self.o.task_options, "nms": "none"}
+        choice = {"nms": "none", "default": mode, "builder": builder, "builder_reason": why,
+                  "reason": f"{builder} cannot build the default --nms {mode} ({why[:120]}); exported decoded boxes + "
+                            "scores (--nms none): the runtime runs NMS (deploy run/bench, the Triton ensemble)"}
+        return choice, ""
 
     def _detect_data_root(self) -> Path | None:
         """The YOLO-layout folder a detector checkpoint was trained on (the synthetic set is regenerated from
@@ -223,7 +260,8 @@ class _Exporter:
             class_names=self._class_names,
             precision=precision,
             batch={"min": mn, "opt": opt, "max": mx},
-            postprocess=self.adapter.sidecar_postprocess(self.o),
+            postprocess={**self.adapter.sidecar_postprocess(self.o),
+                         **({"nms_choice": self.nms_choice["reason"]} if self.nms_choice else {})},
             builder="torch.onnx",
             builder_version=self.report.environment.get("torch", ""),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -343,7 +381,7 @@ class _Exporter:
 
     def step_simplify(self, raw: Path, onnx_key: str) -> Path:
         path = self.path(".onnx")
-        key = _key("simplify", onnx_key, self.o.simplify)
+        key = _key("simplify", onnx_key, self.o.simplify, self.o.simplifier)
         if self.reusable("simplify", key):
             self.record(self.report_prev("simplify"))
             return path
@@ -355,10 +393,12 @@ class _Exporter:
         t0 = time.perf_counter()
         model = onnx.load(str(raw))
         if self.o.simplify:
-            out, res = simplify_model(model)
+            out, res = simplify_model(model, self.o.simplifier, check_runtime=self._runs_in_ort())
         else:
             out, res = model, SimplifyResult("none", len(model.graph.node), len(model.graph.node),
                                             op_histogram(model), op_histogram(model), "disabled (--no-simplify)")
+        if res.error and self.o.simplify:
+            self.log(f"  simplify: {res.tool} used; passed over: {res.error[:300]}")
         atomic_write_bytes(path, out.SerializeToString())
         self.write_onnx_sidecar(path, "fp32")
         fig = f"{res.tool}: {res.nodes_before} -> {res.nodes_after} nodes" + (f" ({res.error[:60]})" if res.error else "")
@@ -514,6 +554,15 @@ class _Exporter:
             self.record(Step("engines", "skipped", 0.0, "no TensorRT builder" if self.report.engine_skipped else reason,
                              {"reason": reason}))
             return
+        if self.nms_unbuildable:  # an explicit --nms this builder cannot build: keep the ONNX, say the fix
+            reason = (f"{self.nms_unbuildable}. The ONNX files are kept. Fix: re-export with --nms none (decoded "
+                      "boxes + scores; the runtime runs NMS)" + (" or build with TensorRT (--builder tensorrt)"
+                                                                 if builder != "tensorrt" else ""))
+            self.report.engine_skipped = True
+            self.report.engine_skip_reason = reason
+            self.record(Step("engines", "skipped", 0.0, f"{builder} cannot build --nms "
+                             f"{self.o.task_options.get('nms')}", {"reason": reason, "builder": builder}))
+            return
         from edgedeploy.engines.common import BuildRequest
 
         if builder == "tensorrt":
@@ -555,6 +604,10 @@ class _Exporter:
 
         o = self.o
         self.log(f"export {self.name} ({self.info.task}) imgsz={self.imgsz} batch={o.batch_shape} -> {self.out}")
+        if self.nms_choice:
+            self.log(f"  nms: {self.nms_choice['reason']}")
+            self.report.add(Step("nms_choice", "ok", 0.0, f"--nms none ({self.nms_choice['builder']} cannot build "
+                                 f"--nms {self.nms_choice['default']})", dict(self.nms_choice)))
         planned = 5 + int(o.fp16) + int(o.int8)
         with tqdm(total=planned, desc=f"export {self.name}", unit="step", leave=False, disable=not o.progress) as bar:
             raw = self.step_onnx(); bar.update(1)
