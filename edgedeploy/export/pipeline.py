@@ -191,6 +191,7 @@ class _Exporter:
         if "nms" in self.o.task_options:  # asked for explicitly: keep it, skip the engines (exit 3)
             return None, f"{builder} cannot build --nms {mode}: {why}"
         self.o.task_options = {**self.o.task_options, "nms": "none"}
+        self.report.options["task_options"] = dict(self.o.task_options)
         choice = {"nms": "none", "default": mode, "builder": builder, "builder_reason": why,
                   "reason": f"{builder} cannot build the default --nms {mode} ({why[:120]}); exported decoded boxes + "
                             "scores (--nms none): the runtime runs NMS (deploy run/bench, the Triton ensemble)"}
