@@ -85,6 +85,14 @@ def select_builder(name: str) -> tuple[str, str]:
     return "none", INSTALL_HINT
 
 
+def _short_reason(why: str) -> str:
+    """The telling part of a builder's log line ("nms_0 has no runners that implement it")."""
+    import re
+
+    m = re.search(r"\S+ has no runners that implement it|Plugin not found[^\"]*", why)
+    return m.group(0) if m else why[:200]
+
+
 def _progress(enabled: bool, total: int, desc: str):
     from tqdm import tqdm
 
@@ -193,7 +201,7 @@ class _Exporter:
         self.o.task_options = {**self.o.task_options, "nms": "none"}
         self.report.options["task_options"] = dict(self.o.task_options)
         choice = {"nms": "none", "default": mode, "builder": builder, "builder_reason": why,
-                  "reason": f"{builder} cannot build the default --nms {mode} ({why[:120]}); exported decoded boxes + "
+                  "reason": f"{builder} cannot build the default --nms {mode} ({_short_reason(why)}); exported decoded boxes + "
                             "scores (--nms none): the runtime runs NMS (deploy run/bench, the Triton ensemble)"}
         return choice, ""
 
