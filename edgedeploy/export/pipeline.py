@@ -135,6 +135,9 @@ class _Exporter:
             options=options.to_dict(),
             environment=self._environment(),
         )
+        from edgedeploy.export.simplify import tool_order
+
+        tool_order(options.simplifier)  # an unknown --simplifier fails before anything is written
         self.nms_choice, self.nms_unbuildable = self._choose_nms()
         if options.int8 and not self._runs_in_ort():
             raise EdgeDeployError("--int8 needs ONNX Runtime to calibrate the FP32 graph, and it cannot run the "
@@ -178,7 +181,6 @@ class _Exporter:
         ONNX files are still written and the engines are skipped with exit 3."""
         if self.info.task != "detect":
             return None, ""
-        from edgedeploy.errors import BuilderUnavailableError
         from edgedeploy.export.tasks.detect import detect_options
 
         try:
