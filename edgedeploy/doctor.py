@@ -189,7 +189,7 @@ def check_onnx_tools() -> Check:
         except Exception:
             parts.append(f"{mod} missing")
     ok = not any(p.startswith("onnx ") and "missing" in p for p in parts)
-    return Check("onnx-tools", ok, ", ".join(parts), "" if ok else "`pip install onnx onnxslim onnxconverter-common`")
+    return Check("onnx-tools", ok, ", ".join(parts), "" if ok else "`pip install onnx onnxsim onnxslim onnxconverter-common`")
 
 
 CHECKS: list[Callable[[], Check]] = [

@@ -263,3 +263,65 @@ def cuda_device() -> tuple[str, str]:
     except Exception:  # noqa: BLE001
         pass
     return "", ""
+
+
+# ------------------------------------------------------------------------------------------ builder capabilities
+_NMS_SUPPORT: dict[str, dict[str, str]] = {}
+
+
+def _nms_probe_models() -> dict[str, Any]:
+    """One-node ONNX graphs for each in-graph NMS mode: ONNX NonMaxSuppression ("onnx") and the
+    EfficientNMS_TRT plugin node ("trt"), as `export/tasks/detect.py` writes them."""
+    import numpy as np
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    def model(nodes, inputs, outputs, inits=(), domains=()):
+        g = helper.make_graph(nodes, "nms_probe", inputs, outputs, list(inits))
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]
+                                 + [helper.make_opsetid(d, 1) for d in domains])
+
+    vi = helper.make_tensor_value_info
+    onnx_nms = model(
+        [helper.make_node("NonMaxSuppression", ["boxes", "scores", "max", "iou", "conf"], ["sel"], name="nms")],
+        [vi("boxes", T.FLOAT, [1, 8, 4]), vi("scores", T.FLOAT, [1, 2, 8])], [vi("sel", T.INT64, [None, 3])],
+        [numpy_helper.from_array(np.array([4], np.int64), "max"),
+         numpy_helper.from_array(np.array([0.5], np.float32), "iou"),
+         numpy_helper.from_array(np.array([0.1], np.float32), "conf")])
+    trt_nms = model(
+        [helper.make_node("EfficientNMS_TRT", ["boxes", "scores"], ["num", "b", "s", "c"], name="efficient_nms",
+                          domain="TRT", background_class=-1, box_coding=0, iou_threshold=0.5, max_output_boxes=4,
+                          plugin_version="1", score_activation=0, score_threshold=0.1, class_agnostic=0)],
+        [vi("boxes", T.FLOAT, [1, 8, 4]), vi("scores", T.FLOAT, [1, 8, 2])],
+        [vi("num", T.INT32, [1, 1]), vi("b", T.FLOAT, [1, 4, 4]), vi("s", T.FLOAT, [1, 4]), vi("c", T.INT32, [1, 4])],
+        domains=["TRT"])
+    return {"onnx": onnx_nms, "trt": trt_nms}
+
+
+def nms_support(trt: ModuleType, builder_name: str) -> dict[str, str]:
+    """{nms mode: "" when this builder builds it, else the builder's own reason}, measured by building a
+    one-node network per mode (milliseconds; cached per builder). TensorRT-RTX 1.7 measured: NonMaxSuppression
+    parses but "has no runners", and the EfficientNMS_TRT plugin is not found."""
+    if builder_name in _NMS_SUPPORT:
+        return _NMS_SUPPORT[builder_name]
+    out = {"none": ""}
+    for mode, model in _nms_probe_models().items():
+        logger = make_logger(trt)
+        builder = trt.Builder(logger)
+        network = builder.create_network(network_flags(trt))
+        parser = trt.OnnxParser(network, logger)
+        try:
+            if not parser.parse(model.SerializeToString()):
+                out[mode] = "ONNX parser: " + "; ".join(parser_errors(parser) or ["(no message)"])[:300]
+                continue
+            built = builder.build_serialized_network(network, builder.create_builder_config())
+        except Exception as e:  # noqa: BLE001
+            out[mode] = f"{type(e).__name__}: {e}"[:300]
+            continue
+        if built is None:
+            msgs = logger.at_most(trt.ILogger.Severity.ERROR) or ["(the builder logged no error)"]
+            out[mode] = "; ".join(m.strip() for m in msgs)[:300]
+        else:
+            out[mode] = ""
+    _NMS_SUPPORT[builder_name] = out
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from edgedeploy.engines.common import BuildRequest, BuildResult, build_engine, import_builder
+from edgedeploy.engines.common import BuildRequest, BuildResult, build_engine, import_builder, nms_support
 from edgedeploy.errors import BuilderUnavailableError
 
 INSTALL_HINT = "TensorRT-RTX is not importable: `pip install edgedeploy[rtx]` (tensorrt-rtx-cu13-bindings + libs)."
@@ -26,3 +26,9 @@ def build(req: BuildRequest, trt: ModuleType | None = None) -> BuildResult:
     trt = trt or load_rtx()
     req.meta.gpu_name, req.meta.compute_capability = "", ""  # AOT: not tied to the build machine's GPU
     return build_engine(trt, "tensorrt-rtx", req, use_timing_cache=False)
+
+
+def supported_nms(trt: ModuleType | None = None) -> dict[str, str]:
+    """{nms mode: "" if this builder builds it, else why not} (see engines.common.nms_support)."""
+    trt = trt or load_rtx()
+    return nms_support(trt, "tensorrt-rtx " + str(getattr(trt, "__version__", "")))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from edgedeploy.engines.common import BuildRequest, BuildResult, build_engine, cuda_device, import_builder
+from edgedeploy.engines.common import BuildRequest, BuildResult, build_engine, cuda_device, import_builder, nms_support
 from edgedeploy.errors import BuilderUnavailableError
 
 INSTALL_HINT = (
@@ -30,3 +30,9 @@ def build(req: BuildRequest, trt: ModuleType | None = None) -> BuildResult:
     trt = trt or load_tensorrt()
     req.meta.gpu_name, req.meta.compute_capability = cuda_device()
     return build_engine(trt, "tensorrt", req, use_timing_cache=True)
+
+
+def supported_nms(trt: ModuleType | None = None) -> dict[str, str]:
+    """{nms mode: "" if this builder builds it, else why not} (see engines.common.nms_support)."""
+    trt = trt or load_tensorrt()
+    return nms_support(trt, "tensorrt " + str(getattr(trt, "__version__", "")))

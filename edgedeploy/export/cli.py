@@ -59,6 +59,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rtol", type=opt.TOLERANCE.arg, help="parity rtol (default 1e-3)")
     parser.add_argument("--atol", type=opt.TOLERANCE.arg, help="parity atol (default 1e-5, the classic recipe's)")
     parser.add_argument("--no-simplify", action="store_true")
+    parser.add_argument("--simplifier", choices=("auto", "onnxsim", "onnxslim", "none"), default="auto",
+                        help="graph simplifier: auto tries onnxsim, then onnxslim, then none (why is recorded)")
     parser.add_argument("--force", action="store_true", help="rebuild everything, even up-to-date artifacts")
     parser.add_argument("--seed", type=opt.SEED.arg, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -135,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         out=args.out,
         simplify=not args.no_simplify,
+        simplifier=args.simplifier,
         fp16=args.fp16,
         fp16_io=args.fp16_io,
         fp16_keep=args.fp16_keep,

@@ -24,6 +24,7 @@ class ExportOptions:
     opset: int = 17
     out: str = "exports"
     simplify: bool = True
+    simplifier: str = "auto"  # auto (onnxsim, then onnxslim, then none) | onnxsim | onnxslim | none
     fp16: bool = False
     fp16_io: str = "fp32"  # "fp32": keep FP32 inputs/outputs around the FP16 graph; "fp16": FP16 IO
     fp16_keep: list[str] = field(default_factory=list)  # extra ONNX op types kept in FP32 in the FP16 model

@@ -97,6 +97,14 @@ def _fraction(v: float, name: str = "") -> str:
     return text
 
 
+def _short_reason(why: str) -> str:
+    """The telling part of a builder's log line ("nms_0 has no runners that implement it")."""
+    import re
+
+    m = re.search(r"\S+ has no runners that implement it|Plugin not found[^\"]*", why)
+    return m.group(0) if m else why[:200]
+
+
 def _progress(enabled: bool, total: int, desc: str):
     from tqdm import tqdm
 
@@ -185,6 +193,13 @@ class _Exporter:
             options=options.to_dict(),
             environment=self._environment(),
         )
+        from edgedeploy.export.simplify import tool_order
+
+        tool_order(options.simplifier)  # an unknown --simplifier fails before anything is written
+        self.nms_choice, self.nms_unbuildable = self._choose_nms()
+        if options.int8 and not self._runs_in_ort():
+            raise EdgeDeployError("--int8 needs ONNX Runtime to calibrate the FP32 graph, and it cannot run the "
+                                  "EfficientNMS_TRT plugin node of --nms trt: export with --nms onnx or --nms none")
         self.input_names = self.adapter.input_names(options)
         self.output_names = self.adapter.output_names(options)
         rtol, atol = self.adapter.parity_tolerance("fp32")
@@ -255,6 +270,39 @@ class _Exporter:
         self.adapter.dataset_meta = {"class_names": self._class_names, "ignore_index": ignore}
         if self.calib_files:  # parity inputs from the model's own kind of images, not synthetic renders
             self.adapter.image_files = self.calib_files
+
+    def _choose_nms(self) -> tuple[dict[str, str] | None, str]:
+        """A detector's in-graph NMS mode, fitted to the builder that will run (TensorRT-RTX 1.7 cannot build ONNX
+        NonMaxSuppression: "has no runners"). Defaulted NMS the builder cannot build -> decoded boxes + scores and
+        the runtime's NMS (`--nms none`), recorded; an explicit `--nms` it cannot build -> (None, reason): the
+        ONNX files are still written and the engines are skipped with exit 3."""
+        if self.info.task != "detect":
+            return None, ""
+        from edgedeploy.export.tasks.detect import detect_options
+
+        try:
+            builder, _ = select_builder(self.o.builder)
+        except BuilderUnavailableError:
+            return None, ""  # reported by step_engines
+        if builder == "none":
+            return None, ""
+        if builder == "tensorrt":
+            from edgedeploy.engines.tensorrt_builder import supported_nms
+        else:
+            from edgedeploy.engines.rtx_builder import supported_nms
+        support = supported_nms()
+        mode = detect_options(self.o)["nms"]
+        why = support.get(mode, "")
+        if not why:
+            return None, ""
+        if "nms" in self.o.task_options:  # asked for explicitly: keep it, skip the engines (exit 3)
+            return None, f"{builder} cannot build --nms {mode}: {why}"
+        self.o.task_options = {**self.o.task_options, "nms": "none"}
+        self.report.options["task_options"] = dict(self.o.task_options)
+        choice = {"nms": "none", "default": mode, "builder": builder, "builder_reason": why,
+                  "reason": f"{builder} cannot build the default --nms {mode} ({_short_reason(why)}); exported decoded boxes + "
+                            "scores (--nms none): the runtime runs NMS (deploy run/bench, the Triton ensemble)"}
+        return choice, ""
 
     def _detect_data_root(self) -> Path | None:
         """The YOLO-layout folder a detector checkpoint was trained on (the synthetic set is regenerated from
@@ -383,7 +431,8 @@ class _Exporter:
             class_names=self._class_names,
             precision=precision,
             batch={"min": mn, "opt": opt, "max": mx},
-            postprocess={**self.adapter.sidecar_postprocess(self.o), **self._dataset_postprocess()},
+            postprocess={**self.adapter.sidecar_postprocess(self.o), **self._dataset_postprocess(),
+                         **({"nms_choice": self.nms_choice["reason"]} if self.nms_choice else {})},
             data=self._sidecar_data(),
             builder="torch.onnx",
             builder_version=self.report.environment.get("torch", ""),
@@ -539,8 +588,11 @@ class _Exporter:
             return prove(self.adapter.compare, self.output_names, pairs, OrtRunner(probed), self.rtol, self.atol,
                          found, missing)
 
+    def _runs_in_ort(self) -> bool:
+        return bool(getattr(self.adapter, "runs_in_onnxruntime", lambda _o: True)(self.o))
+
     def step_parity(self, name: str, onnx_path: Path, key: str) -> None:
-        if not getattr(self.adapter, "runs_in_onnxruntime", lambda _o: True)(self.o):  # e.g. a TensorRT plugin node
+        if not self._runs_in_ort():  # e.g. a TensorRT plugin node
             self.record(Step(name, "skipped", 0.0, "graph has a TensorRT plugin op: not runnable in ONNX Runtime",
                              {"reason": "not runnable in ONNX Runtime"}))
             return
@@ -558,7 +610,7 @@ class _Exporter:
 
     def step_simplify(self, raw: Path, onnx_key: str) -> Path:
         path = self.path(".onnx")
-        key = _key("simplify", onnx_key, self.o.simplify)
+        key = _key("simplify", onnx_key, self.o.simplify, self.o.simplifier)
         if self.reusable("simplify", key):
             self.record(self.report_prev("simplify"))
             return path
@@ -570,10 +622,12 @@ class _Exporter:
         t0 = time.perf_counter()
         model = onnx.load(str(raw))
         if self.o.simplify:
-            out, res = simplify_model(model)
+            out, res = simplify_model(model, self.o.simplifier, check_runtime=self._runs_in_ort())
         else:
             out, res = model, SimplifyResult("none", len(model.graph.node), len(model.graph.node),
                                             op_histogram(model), op_histogram(model), "disabled (--no-simplify)")
+        if res.error and self.o.simplify:
+            self.log(f"  simplify: {res.tool} used; passed over: {res.error[:300]}")
         atomic_write_bytes(path, out.SerializeToString())
         self.write_onnx_sidecar(path, "fp32")
         fig = f"{res.tool}: {res.nodes_before} -> {res.nodes_after} nodes" + (f" ({res.error[:60]})" if res.error else "")
@@ -659,18 +713,26 @@ class _Exporter:
         if opts.fp16_io not in ("fp32", "fp16"):
             raise EdgeDeployError(f"--fp16-io {opts.fp16_io!r}: choose fp32 or fp16")
         t0 = time.perf_counter()
-        out, info = convert_fp16(onnx.load(str(fp32_path)), opts.fp16_io == "fp32", self.adapter.fp16_op_block_list(opts))
+        in_ort = self._runs_in_ort()
+        # convert_fp16 proves the result loads in ORT (or type-checks) before anything is written
+        out, info = convert_fp16(onnx.load(str(fp32_path)), opts.fp16_io == "fp32", self.adapter.fp16_op_block_list(opts),
+                                 runs_in_onnxruntime=in_ort)
         atomic_write_bytes(path, out.SerializeToString())
-        try:
-            acc = self._accuracy(fp32_path, path)  # also proves ORT CPU can run it
-        except EdgeDeployError:
-            raise
-        except Exception as e:  # noqa: BLE001  (ORT refusing an FP16 graph is an export error)
-            path.unlink(missing_ok=True)
-            raise EdgeDeployError(f"the FP16 ONNX does not run in ONNX Runtime CPU: {type(e).__name__}: {e}") from e
+        if in_ort:
+            try:
+                acc = self._accuracy(fp32_path, path)
+            except EdgeDeployError:
+                path.unlink(missing_ok=True)
+                raise
+            except Exception as e:  # noqa: BLE001  (ORT failing on an FP16 graph is an export error)
+                path.unlink(missing_ok=True)
+                raise EdgeDeployError(f"the FP16 ONNX does not run in ONNX Runtime CPU: {type(e).__name__}: {e}; "
+                                      "the FP32 ONNX is kept") from e
+            figure, details = self._accuracy_figure(acc), {**info, "accuracy": acc}
+        else:
+            figure, details = "type-checked (plugin graph: not runnable in ONNX Runtime)", info
         self.write_onnx_sidecar(path, "fp16", "float32" if opts.fp16_io == "fp32" else "float16")
-        self.record(Step("fp16", "ok", time.perf_counter() - t0, self._accuracy_figure(acc),
-                         {**info, "accuracy": acc}, key, [path.name]))
+        self.record(Step("fp16", "ok", time.perf_counter() - t0, figure, details, key, [path.name]))
         return path
 
     def calibration_inputs(self) -> tuple[list[np.ndarray], int, str, int]:
@@ -734,6 +796,15 @@ class _Exporter:
             self.record(Step("engines", "skipped", 0.0, "no TensorRT builder" if self.report.engine_skipped else reason,
                              {"reason": reason}))
             return
+        if self.nms_unbuildable:  # an explicit --nms this builder cannot build: keep the ONNX, say the fix
+            reason = (f"{self.nms_unbuildable}. The ONNX files are kept. Fix: re-export with --nms none (decoded "
+                      "boxes + scores; the runtime runs NMS)" + (" or build with TensorRT (--builder tensorrt)"
+                                                                 if builder != "tensorrt" else ""))
+            self.report.engine_skipped = True
+            self.report.engine_skip_reason = reason
+            self.record(Step("engines", "skipped", 0.0, f"{builder} cannot build --nms "
+                             f"{self.o.task_options.get('nms')}", {"reason": reason, "builder": builder}))
+            return
         from edgedeploy.engines.common import BuildRequest
 
         if builder == "tensorrt":
@@ -787,6 +858,10 @@ class _Exporter:
         if self.random_weights:
             self.log(RANDOM_WEIGHTS_LINE.format(seed=o.seed))
         self.log(f"export {self.name} ({self.info.task}) imgsz={self.imgsz} batch={o.batch_shape} -> {self.out}")
+        if self.nms_choice:
+            self.log(f"  nms: {self.nms_choice['reason']}")
+            self.report.add(Step("nms_choice", "ok", 0.0, f"--nms none ({self.nms_choice['builder']} cannot build "
+                                 f"--nms {self.nms_choice['default']})", dict(self.nms_choice)))
         planned = 5 + int(o.fp16) + int(o.int8)
         with tqdm(total=planned, desc=f"export {self.name}", unit="step", leave=False, disable=not o.progress) as bar:
             raw = self.step_onnx(); bar.update(1)

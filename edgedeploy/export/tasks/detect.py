@@ -311,6 +311,7 @@ class DetectAdapter(TaskAdapter):
     def wrap_for_export(self, model: "nn.Module", options: ExportOptions) -> "nn.Module":
         o = detect_options(options)
         self._nms = o["nms"]  # sample_inputs() depends on it and is not given the options
+        self._post = o  # and `--nms none` outputs are judged with the exported thresholds (as the graph NMS would)
         reinit = options.reinit if options.reinit is not None else not options.weights
         if reinit:
             spread_head_biases(model)
@@ -532,8 +533,10 @@ class DetectAdapter(TaskAdapter):
 
         from edgedeploy.models.detect_common import postprocess
 
+        o = getattr(self, "_post", DEFAULTS)
         return [d.double().numpy() for d in postprocess(torch.from_numpy(np.asarray(outs[0], np.float32)),
-                                                         torch.from_numpy(np.asarray(outs[1], np.float32)))]
+                                                         torch.from_numpy(np.asarray(outs[1], np.float32)),
+                                                         o["conf_thres"], o["iou_thres"], o["max_det"], o["agnostic"])]
 
     def sidecar_postprocess(self, options: ExportOptions) -> dict[str, Any]:
         o = detect_options(options)
