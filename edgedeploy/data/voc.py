@@ -125,6 +125,19 @@ def _find_voc_root(root: Path) -> Path | None:
     return None
 
 
+
+def _pair_with_masks(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path]]:
+    """(image, mask) pairs matched by file stem; an image without a `.png` mask is an error naming it."""
+    images = _image_by_stem(img_dir)
+    masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
+    missing = [s for s in images if s not in masks]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} image(s) in {img_dir} have no mask in {mask_dir}, e.g. {images[missing[0]].name} "
+            f"(expected {mask_dir / (missing[0] + '.png')})"
+        )
+    return [(images[s], masks[s]) for s in sorted(images)]
+
 def _image_by_stem(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
 
@@ -164,27 +177,11 @@ def find_pairs(root: str | os.PathLike, split: str) -> tuple[list[tuple[Path, Pa
             raise DatasetError(
                 f"{root}: no split {split!r} (expected images/{split} and masks/{split}; found images/{{{', '.join(found)}}})"
             )
-        images = _image_by_stem(img_dir)
-        masks = {p.stem: p for p in mask_dir.glob("*.png")}
-        missing = [s for s in images if s not in masks]
-        if missing:
-            raise DatasetError(
-                f"{len(missing)} image(s) in {img_dir} have no mask in {mask_dir}, e.g. {images[missing[0]].name} "
-                f"(expected {mask_dir / (missing[0] + '.png')})"
-            )
-        pairs = [(images[s], masks[s]) for s in sorted(images)]
+        pairs = _pair_with_masks(img_dir, mask_dir)
         meta_dir = root
     elif (camvid := _camvid_split(root, split)) is not None:
         img_dir, mask_dir = camvid
-        images = _image_by_stem(img_dir)
-        masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-        missing = [s for s in images if s not in masks]
-        if missing:
-            raise DatasetError(
-                f"{len(missing)} image(s) in {img_dir} have no mask in {mask_dir}, e.g. {images[missing[0]].name} "
-                f"(expected {mask_dir / (missing[0] + '.png')})"
-            )
-        pairs = [(images[s], masks[s]) for s in sorted(images)]
+        pairs = _pair_with_masks(img_dir, mask_dir)
         meta_dir = root
     elif (voc := _find_voc_root(root)) is not None:
         list_file = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
