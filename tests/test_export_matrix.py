@@ -119,7 +119,8 @@ def test_every_model_every_precision_every_simplifier(name, simplifier, out_root
     assert status["parity_raw"] == "ok" and status["parity_simplified"] == "ok"
     parity = report.step("parity_simplified").details
     if info.task == "classify":
-        assert parity["outputs"][0]["ref_std"] >= 1.0  # re-initialised weights give non-trivial logits
+        # re-initialised weights give logits that move with the input: spread >= 100 x atol (the proof's check)
+        assert parity["outputs"][0]["spread"] >= 100 * parity["atol"]
         assert parity["outputs"][0]["shape"][1] == 10
     simp = report.step("simplify").details
     assert simp["tool"] == simplifier, simp["error"]  # this simplifier really ran (no silent fallback)

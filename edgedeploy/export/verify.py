@@ -180,6 +180,7 @@ def verify(artifact: str, weights: str | None = None, data: str | None = None, i
         seed=int(prov.get("seed", 0)), task_options=dict(prov.get("task_options") or {}),
         rtol=rtol if rtol is not None else prov.get("rtol"), atol=atol if atol is not None else prov.get("atol"),
         calib="synthetic", eval_data="synthetic", progress=False,
+        builder="none",  # verify builds nothing; and a builder would re-fit the NMS mode the sidecar already records
     )
     t0 = time.perf_counter()
     exporter = _Exporter(options, log, writes=False)
