@@ -5,7 +5,8 @@ Pure renames: the tensors keep their values and shapes.
 - MobileNetV1 (`timm/models/efficientnet.py: _gen_mobilenet_v1`): `conv_stem`, `bn1`, `blocks.i.j.{conv_dw,bn1,
   conv_pw,bn2}`, `classifier`; timm's MobileNetV1 uses ReLU6, so the model is built with `act="relu6"`.
 Input convention from each model's timm `pretrained_cfg`: RGB, /255, resize the shorter side to size / crop_pct
-with bicubic interpolation (PIL's, as torchvision's Resize on a PIL image: `cubic_pil`), centre crop; mean/std 0/1 (MobileViT) and 0.5/0.5 (MobileNetV1).
+with bicubic interpolation (PIL's, as torchvision's Resize on a PIL image: `cubic_pil`; OpenCV's bicubic differs by
+up to 7/255 on the test image), centre crop; mean/std 0/1 (MobileViT) and 0.5/0.5 (MobileNetV1).
 """
 
 from __future__ import annotations
