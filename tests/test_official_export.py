@@ -120,6 +120,19 @@ def test_verify_rebuilds_with_the_recorded_model_options(tmp_path, capsys):
     assert main(["verify", str(onnx)]) == 4
 
 
+def test_load_classifier_builds_the_official_architecture():
+    """`deploy eval`'s loader (train.classify.load_classifier) on an official file without --model: the variant
+    and ReLU6 come from the file (built with ReLU, as before, the logits are > 1e-2 off)."""
+    from edgedeploy.train.classify import load_classifier
+
+    model, meta = load_classifier(str(FIX / "timm_mobilenetv1_025.pth"))
+    assert meta["model_name"] == "mobilenetv1_025" and meta["model_kwargs"] == {"act": "relu6"}
+    io = torch.load(FIX / "timm_mobilenetv1_025.io.pt", weights_only=True)
+    x = (io["input"].float() * io["scale"] - io["mean"]) / io["std"]
+    with torch.no_grad():
+        assert _rel_err(model(x).numpy(), io["output"].numpy()) <= TOL
+
+
 # --- the originals' own preprocessing, reproduced ---------------------------------------------------------------
 
 
