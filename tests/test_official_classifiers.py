@@ -34,7 +34,8 @@ def _load(file: str, name: str, **override) -> tuple[torch.nn.Module, Converted]
     conv = convert_official(read_weights_file(FIX / file), name)
     assert conv is not None, f"{file} not recognised"
     head = [k for k in conv.state_dict if k.startswith("classifier") and k.endswith("weight")][-1]
-    model = create_model(name, num_classes=conv.state_dict[head].shape[0], **{**conv.model_kwargs, **override})
+    assert conv.model_kwargs["num_classes"] == conv.state_dict[head].shape[0]  # the class count comes from the head
+    model = create_model(name, **{**conv.model_kwargs, **override})
     model.load_state_dict(conv.state_dict, strict=True)
     return model.eval(), conv
 
@@ -63,7 +64,7 @@ CASES = [
 @pytest.mark.parametrize("file,name,stem,source,kwargs,order", CASES, ids=[c[0] for c in CASES])
 def test_official_checkpoint_reproduces_original(file, name, stem, source, kwargs, order):
     model, conv = _load(file, name)
-    assert (conv.source, conv.variant, conv.model_kwargs) == (source, name, kwargs)
+    assert (conv.source, conv.variant, conv.model_kwargs) == (source, name, {**kwargs, "num_classes": 10})
     assert conv.preprocess["channel_order"] == order
     x, expected = _io(stem)
     with torch.no_grad():
@@ -86,7 +87,7 @@ def test_values_are_renamed_not_changed():
 def test_input_conventions():
     pre = {f: convert_official(read_weights_file(FIX / f), n).preprocess for f, n, *_ in CASES}
     timm_vit = pre["timm_mobilevit_xxs.safetensors"]
-    assert (timm_vit["interpolation"], timm_vit["crop_pct"], timm_vit["mean"]) == ("cubic", 0.9, (0.0, 0.0, 0.0))
+    assert (timm_vit["interpolation"], timm_vit["crop_pct"], timm_vit["mean"]) == ("cubic_pil", 0.9, (0.0, 0.0, 0.0))
     assert pre["timm_mobilenetv1_025.pth"]["mean"] == (0.5, 0.5, 0.5)
     cv = pre["cvnets_mobilevit_xxs.pt"]  # CVNets v0.1: cv2.imread (BGR), /255, shorter side 288 bilinear, crop 256
     assert (cv["channel_order"], cv["scale"], cv["interpolation"]) == ("bgr", 1 / 255, "linear")
@@ -147,7 +148,7 @@ def test_full_size_layouts_load(manifest, name, kwargs):
     sd = {k: torch.zeros(s, dtype=torch.long if k.endswith("num_batches_tracked") else torch.float16)
           for k, s in shapes.items()}  # fmt: skip
     conv = convert_official(sd, name)
-    assert conv is not None and conv.model_kwargs == kwargs
+    assert conv is not None and conv.model_kwargs == {**kwargs, "num_classes": 1000}
     model = create_model(conv.variant, **conv.model_kwargs)
     model.load_state_dict(conv.state_dict, strict=True)
     assert conv.variant == model.model_info.name  # type: ignore[attr-defined]

@@ -48,6 +48,9 @@ class ExportOptions:
     force: bool = False  # ignore up-to-date artifacts
     progress: bool = True
     task_options: dict[str, Any] = field(default_factory=dict)
+    # architecture options (e.g. {"shuffle": "after_dw_inverse"}); default: those the checkpoint implies.
+    # `deploy verify` passes the ones recorded at export so it rebuilds the same architecture.
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """The shared validators (edgedeploy.options): `export(imgsz=0)` fails as `deploy export --imgsz 0` does."""

@@ -465,7 +465,8 @@ class _Exporter:
         return {"weights": str(Path(o.weights).resolve()) if o.weights else None, "weights_sha256": self.weights_sha,
                 "random_weights": self.random_weights, "seed": o.seed, "num_classes": o.num_classes,
                 "imgsz": self.imgsz, "task_options": dict(o.task_options), "parity_inputs": o.parity_inputs,
-                "rtol": self.rtol, "atol": self.atol}
+                "rtol": self.rtol, "atol": self.atol,
+                "model_kwargs": {**(self.ckpt_meta.get("model_kwargs") or {}), **o.model_kwargs}}
 
     def write_onnx_sidecar(self, onnx_path: Path, precision: str, input_dtype: str = "float32") -> None:
         m = self.meta(precision, input_dtype)
@@ -482,7 +483,7 @@ class _Exporter:
         from edgedeploy.models.registry import create_model
 
         model = create_model(self.name, num_classes=self.o.num_classes or self.ckpt_meta.get("num_classes"),
-                             weights=self.o.weights).eval()
+                             weights=self.o.weights, **self.o.model_kwargs).eval()
         wrapped = self.adapter.wrap_for_export(model, self.o).eval()
         self.reinit_info = {"reinitialised": self.random_weights}
         if self.random_weights:

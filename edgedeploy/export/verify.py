@@ -178,6 +178,7 @@ def verify(artifact: str, weights: str | None = None, data: str | None = None, i
         dynamic_batch=(int(batch["min"]), int(batch["opt"]), int(batch["max"])) if dynamic else None,
         parity_inputs=int(images or prov.get("parity_inputs") or 4), reinit=random_weights,
         seed=int(prov.get("seed", 0)), task_options=dict(prov.get("task_options") or {}),
+        model_kwargs=dict(prov.get("model_kwargs") or {}),
         rtol=rtol if rtol is not None else prov.get("rtol"), atol=atol if atol is not None else prov.get("atol"),
         calib="synthetic", eval_data="synthetic", progress=False,
         builder="none",  # verify builds nothing; and a builder would re-fit the NMS mode the sidecar already records

@@ -162,7 +162,7 @@ def resolve_weights(path: str | os.PathLike, model_name: str, model: nn.Module |
     sd = _our_state_dict(ckpt, prefer_ema)
     meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
     if sd is not None and (meta or (model is not None and _fits(model, sd))):
-        return Weights(sd, dict(meta))
+        return Weights(sd, dict(meta), dict(meta.get("model_kwargs") or {}))
     from edgedeploy.models.official import convert_official, known_formats
 
     conv = convert_official(ckpt, model_name)
@@ -190,6 +190,13 @@ def resolve_weights(path: str | os.PathLike, model_name: str, model: nn.Module |
             f"(asked for {model_name}). `deploy models` lists the variants.")
     for note in conv.notes:
         log.info(note)
+    meta = _official_meta(conv)
+    return Weights(conv.state_dict, meta, dict(meta.get("model_kwargs") or {}))
+
+
+def _official_meta(conv: Any) -> dict[str, Any]:
+    """What an official checkpoint says about itself: source, input convention, variant, class count (names),
+    and the architecture options (`model_kwargs`, e.g. ShuffleNetV1's shuffle placement) its model needs."""
     meta = {"source": conv.source, "preprocess": dict(conv.preprocess), "model_name": conv.variant,
             "notes": list(conv.notes)}
     nc = conv.model_kwargs.get("num_classes")
@@ -198,7 +205,9 @@ def resolve_weights(path: str | os.PathLike, model_name: str, model: nn.Module |
     if conv.class_names:
         meta["class_names"] = list(conv.class_names)
     kwargs = {k: v for k, v in conv.model_kwargs.items() if k != "num_classes"}
-    return Weights(conv.state_dict, meta, kwargs)
+    if kwargs:
+        meta["model_kwargs"] = kwargs
+    return meta
 
 
 def _fits(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> bool:
@@ -218,13 +227,7 @@ def checkpoint_meta(path: str | os.PathLike, model_name: str | None = None) -> d
     conv = convert_official(ckpt, model_name or "")
     if conv is None:
         return {}
-    out = {"source": conv.source, "preprocess": dict(conv.preprocess), "model_name": conv.variant,
-           "notes": list(conv.notes)}
-    if conv.model_kwargs.get("num_classes"):
-        out["num_classes"] = int(conv.model_kwargs["num_classes"])
-    if conv.class_names:
-        out["class_names"] = list(conv.class_names)
-    return out
+    return _official_meta(conv)
 
 
 def apply_weights(model: nn.Module, weights: Weights) -> dict[str, Any]:

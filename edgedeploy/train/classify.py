@@ -428,17 +428,19 @@ def _saved_train_args(path: Path) -> dict[str, Any]:
 def load_classifier(
     weights: str | os.PathLike, model_name: str | None = None, num_classes: int | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint: name and class count come from its meta unless given."""
-    from edgedeploy.models.checkpoint import load_weights, read_checkpoint
+    """Rebuild a model from a checkpoint: name, class count and model options (an official file's, e.g. timm
+    MobileNetV1's ReLU6) come from the checkpoint unless given."""
+    from edgedeploy.models.checkpoint import checkpoint_meta
     from edgedeploy.models.registry import create_model
 
-    meta = (read_checkpoint(weights).get("meta") or {}) if os.path.isfile(weights) else {}
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"checkpoint not found: {weights}")
+    meta = checkpoint_meta(weights, model_name)  # ours, or what an official file says about itself
     name = model_name or meta.get("model_name")
     if not name:
         raise CheckpointError(f"{weights} does not record its model: pass --model NAME")
     n = num_classes if num_classes is not None else meta.get("num_classes")
-    model = create_model(name, num_classes=n)
-    load_weights(model, weights)
+    model = create_model(name, num_classes=n, weights=str(weights))  # builds with the file's model options
     return model.eval(), meta
 
 

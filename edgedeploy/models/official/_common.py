@@ -98,6 +98,12 @@ def identify_variant(
     )
 
 
+def with_num_classes(kwargs: dict, sd: Mapping[str, torch.Tensor], head_key: str) -> dict:
+    """`kwargs` plus the class count of the head the file carries (the model is built with it, and the export
+    records it: an ImageNet file gives 1000, a fine-tuned one its own)."""
+    return {**kwargs, "num_classes": int(sd[head_key].shape[0])}
+
+
 def finish(converted: Converted, requested: str) -> Converted:
     """Raise if the checkpoint is another variant than the one asked for, naming the one it is."""
     from edgedeploy.models.registry import get_model_info

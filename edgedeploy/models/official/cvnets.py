@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from edgedeploy.errors import CheckpointError
 from edgedeploy.models.official import Converted, register_converter
-from edgedeploy.models.official._common import finish, identify_variant, rename, tensor_dict
+from edgedeploy.models.official._common import finish, identify_variant, rename, tensor_dict, with_num_classes
 
 SOURCE = "ml-cvnets"
 
@@ -71,7 +71,7 @@ def convert_cvnets(ckpt: Mapping[str, Any], model_name: str) -> Converted | None
         )
     new = rename(sd, _RULES)
     variant = identify_variant(new, "mobilevit", "classifier.1.weight", {}, model_name, "ml-cvnets MobileViT")
-    out = Converted(new, SOURCE, {}, dict(PREPROCESS), variant, [
+    out = Converted(new, SOURCE, with_num_classes({}, new, "classifier.1.weight"), dict(PREPROCESS), variant, [
         f"ml-cvnets MobileViT checkpoint: {len(sd)} tensors renamed to {variant} (values unchanged); "
         "input convention: BGR, /255, shorter side 288 bilinear, centre crop 256 (CVNets v0.1)"])  # fmt: skip
     return finish(out, model_name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from edgedeploy.models.official import Converted, register_converter
-from edgedeploy.models.official._common import finish, identify_variant, rename, tensor_dict
+from edgedeploy.models.official._common import finish, identify_variant, rename, tensor_dict, with_num_classes
 
 SOURCE = "megvii-shufflenet-series"
 
@@ -43,7 +43,7 @@ def convert_shufflenet(ckpt: Mapping[str, Any], model_name: str) -> Converted | 
     kwargs = {"shuffle": "after_dw_inverse", "classifier_bias": "classifier.0.bias" in sd}
     new = rename(sd, _RULES)
     variant = identify_variant(new, "shufflenetv1", "classifier.weight", kwargs, model_name, "Megvii ShuffleNetV1")
-    out = Converted(new, SOURCE, kwargs, dict(PREPROCESS), variant, [
+    out = Converted(new, SOURCE, with_num_classes(kwargs, new, "classifier.weight"), dict(PREPROCESS), variant, [
         f"Megvii ShuffleNetV1 checkpoint: {len(sd)} tensors renamed to {variant} (values unchanged); built with "
         "the original's channel shuffle after the depthwise conv (inverse permutation) and no classifier bias; "
         "input: BGR pixels 0-255, shorter side 256 bilinear, centre crop 224"])  # fmt: skip

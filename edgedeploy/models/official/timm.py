@@ -5,7 +5,8 @@ Pure renames: the tensors keep their values and shapes.
 - MobileNetV1 (`timm/models/efficientnet.py: _gen_mobilenet_v1`): `conv_stem`, `bn1`, `blocks.i.j.{conv_dw,bn1,
   conv_pw,bn2}`, `classifier`; timm's MobileNetV1 uses ReLU6, so the model is built with `act="relu6"`.
 Input convention from each model's timm `pretrained_cfg`: RGB, /255, resize the shorter side to size / crop_pct
-with bicubic interpolation, centre crop; mean/std 0/1 (MobileViT) and 0.5/0.5 (MobileNetV1).
+with bicubic interpolation (PIL's, as torchvision's Resize on a PIL image: `cubic_pil`; OpenCV's bicubic differs by
+up to 7/255 on the test image), centre crop; mean/std 0/1 (MobileViT) and 0.5/0.5 (MobileNetV1).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from edgedeploy.models.official import Converted, register_converter
-from edgedeploy.models.official._common import finish, identify_variant, rename, tensor_dict
+from edgedeploy.models.official._common import finish, identify_variant, rename, tensor_dict, with_num_classes
 
 SOURCE = "timm"
 # timm training checkpoints: {"epoch", "arch", "state_dict", "state_dict_ema", ...}; hub files are bare.
@@ -47,11 +48,11 @@ _MOBILEVIT_RULES: list[tuple[str, str]] = [
 # timm `pretrained_cfg` of mobilevit_{xxs,xs,s}.cvnets_in1k and mobilenetv1_100.ra4_e3600_r224_in1k.
 MOBILEVIT_PREPROCESS: dict[str, Any] = {
     "channel_order": "rgb", "scale": 1 / 255, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0),
-    "resize": "shorter_crop", "interpolation": "cubic", "crop_pct": 0.9,
+    "resize": "shorter_crop", "interpolation": "cubic_pil", "crop_pct": 0.9,
 }  # fmt: skip
 MOBILENETV1_PREPROCESS: dict[str, Any] = {
     "channel_order": "rgb", "scale": 1 / 255, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-    "resize": "shorter_crop", "interpolation": "cubic", "crop_pct": 0.875,
+    "resize": "shorter_crop", "interpolation": "cubic_pil", "crop_pct": 0.875,
 }  # fmt: skip
 
 
@@ -87,14 +88,16 @@ def convert_timm(ckpt: Mapping[str, Any], model_name: str) -> Converted | None:
     if _is_mobilevit(sd):
         new = rename(sd, _MOBILEVIT_RULES)
         variant = identify_variant(new, "mobilevit", "classifier.1.weight", {}, model_name, "timm MobileViT")
-        out = Converted(new, SOURCE, {}, dict(MOBILEVIT_PREPROCESS), variant, [
+        kw = with_num_classes({}, new, "classifier.1.weight")
+        out = Converted(new, SOURCE, kw, dict(MOBILEVIT_PREPROCESS), variant, [
             f"timm MobileViT checkpoint: {len(sd)} tensors renamed to {variant} (values unchanged)"])  # fmt: skip
         return finish(out, model_name)
     if _is_mobilenetv1(sd):
         kwargs = {"act": "relu6"}
         new = rename(sd, _mobilenetv1_rules(sd))
         variant = identify_variant(new, "mobilenetv1", "classifier.1.weight", kwargs, model_name, "timm MobileNetV1")
-        out = Converted(new, SOURCE, kwargs, dict(MOBILENETV1_PREPROCESS), variant, [
+        kw = with_num_classes(kwargs, new, "classifier.1.weight")
+        out = Converted(new, SOURCE, kw, dict(MOBILENETV1_PREPROCESS), variant, [
             f"timm MobileNetV1 checkpoint: {len(sd)} tensors renamed to {variant} (values unchanged); "
             "built with ReLU6 as in timm"])  # fmt: skip
         return finish(out, model_name)
