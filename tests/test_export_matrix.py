@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -138,6 +139,7 @@ def test_every_model_every_precision_every_simplifier(name, simplifier, out_root
     elif HAS_RTX and not _large(name):
         _build_engines(out, name, ("fp32", "fp16"))
     print(f"MATRIX {name} {simplifier} fp16_rel_err={err:.2e} nodes={simp['nodes_after']}")
+    shutil.rmtree(out)  # engines of the large models are 100-470 MB each: the matrix would hold tens of GB
 
 
 @pytest.mark.parametrize("name", DETECTORS)
@@ -175,3 +177,5 @@ def test_detector_nms_modes(name, out_root):
         _check_engines(report, out_root / "nms_default" / name, name, ("fp32",))
     else:
         assert meta["postprocess"]["nms"] == "onnx"
+    for sub in ("nms_onnx", "nms_trt", "nms_default"):
+        shutil.rmtree(out_root / sub / name, ignore_errors=True)
