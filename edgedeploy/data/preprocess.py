@@ -10,16 +10,25 @@ implementation feeds it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from edgedeploy.errors import EdgeDeployError
 
-if TYPE_CHECKING:
-    from edgedeploy.models.registry import ModelInfo
-
 LETTERBOX_PAD = 114
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelInfo(Protocol):
+    """What preprocessing reads of a model's registry entry (`edgedeploy.models.registry.ModelInfo`); data/
+    sits below models/, so it names the fields it needs instead of importing the class."""
+
+    mean: Sequence[float]
+    std: Sequence[float]
+    letterbox: bool
+    extra: Mapping[str, Any] | None
 
 _INTERPOLATIONS = ("linear", "cubic", "area", "nearest", "linear_pil", "cubic_pil")
 _RESIZES = ("resize", "letterbox", "shorter_crop")

@@ -33,7 +33,7 @@ _CODE_FILES = ("onnx_export.py", "simplify.py", "parity.py", "fp16.py", "int8.py
 
 def code_version() -> str:
     """edgedeploy version + a hash of the export code: a code change invalidates reused artifacts."""
-    from edgedeploy import __version__
+    from edgedeploy.version import __version__
 
     h = hashlib.sha256(__version__.encode())
     here = Path(__file__).parent

@@ -113,7 +113,8 @@ def config_from_args(args: argparse.Namespace | DetectTrainConfig) -> DetectTrai
 def open_detection_data(data: str | os.PathLike, split: str, imgsz: int, synthetic: dict[str, Any] | None = None):
     """A DetectionDataset for `split` of a YOLO/COCO folder, a COCO json, or the built-in `synthetic` set
     (`synthetic`: keyword arguments of `synthetic_detection_dataset`, e.g. num_train, num_val, seed)."""
-    from edgedeploy.data.yolo_format import load_yolo_dataset, open_detection_dataset
+    from edgedeploy.data.sources import open_detection_dataset
+    from edgedeploy.data.yolo_format import load_yolo_dataset
 
     if str(data).lower() == "synthetic":
         from edgedeploy.data.synthetic_detect import synthetic_detection_dataset

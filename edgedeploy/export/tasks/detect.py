@@ -469,7 +469,8 @@ class DetectAdapter(TaskAdapter):
         unlabelled images (agreement with FP32 only). `n` None: the whole split; else n evenly spaced images."""
         from pathlib import Path
 
-        from edgedeploy.data.yolo_format import load_yolo_dataset, open_detection_dataset
+        from edgedeploy.data.sources import open_detection_dataset
+        from edgedeploy.data.yolo_format import load_yolo_dataset
         from edgedeploy.errors import DatasetError
 
         split = _yolo_split(source)
