@@ -245,6 +245,30 @@ class WarmupCosine(LRScheduler):
         return [base * f for base in self.base_lrs]
 
 
+class WarmupPoly(LRScheduler):
+    """Per-iteration `lr * (1 - t/T) ** power` after a linear warm-up (DeepLab's "poly" policy)."""
+
+    def __init__(self, optimizer, epochs: int, iters_per_epoch: int, warmup_epochs: float = 1.0,
+                 power: float = 0.9, warmup_start_factor: float = 0.1, last_epoch: int = -1):
+        self.total_iters = max(1, int(epochs * iters_per_epoch))
+        self.warmup_iters = min(int(round(warmup_epochs * iters_per_epoch)), self.total_iters - 1)
+        self.power = power
+        self.warmup_start_factor = warmup_start_factor
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, it: int) -> float:
+        if it < self.warmup_iters:
+            return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * it / self.warmup_iters
+        return max(0.0, 1.0 - it / self.total_iters) ** self.power
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
+
+
+SCHEDULES = {"cosine": WarmupCosine, "poly": WarmupPoly}
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
