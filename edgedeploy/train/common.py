@@ -1,35 +1,10 @@
-"""Task-agnostic training pieces shared by the classification, detection and segmentation trainers.
-
-Typical loop (see `edgedeploy.train.classify` for the full version)::
-
-    seed_everything(args.seed)
-    device = select_device(args.device)              # cuda if available, else cpu
-    out = run_dir("runs/train", "mobilenetv3_small")  # runs/train/<name>, <name>2, ...
-    model = create_model(name, num_classes=n).to(device)
-    ema = ModelEMA(model)                             # evaluate and export ema.ema
-    optimizer = build_optimizer(model, "sgd", lr=0.05, weight_decay=5e-5)
-    scheduler = WarmupCosine(optimizer, epochs=E, iters_per_epoch=len(loader), warmup_epochs=1)
-    scaler = make_grad_scaler(device, amp=True)       # a no-op on CPU
-    logger = MetricsLogger(out)
-    start = 0
-    if resume:
-        start, best, meta = load_for_resume(out / "last.pt", model, ema, optimizer, scheduler, scaler)
-        logger.truncate(start)
-    for epoch in range(start, E):
-        for x, y in loader:
-            with autocast(device, amp=True):
-                loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
-            scheduler.step()                          # per iteration, not per epoch
-            ema.update(model)
-        logger.log({"epoch": epoch, "train/loss": ..., "val/top1": ...}); logger.plot(out / "results.png")
-        save_checkpoint(out / "last.pt", model, ema, optimizer, scheduler, epoch, best, meta, scaler=scaler)
+"""Task-agnostic training pieces: seeding, device, run folders, AMP, EMA, optimizer, LR schedules, checkpoints,
+metrics. `edgedeploy.train.loop.fit` puts them together into the one training loop every task uses.
 
 Checkpoint format (read back by `edgedeploy.models.checkpoint.load_weights`, EMA weights preferred)::
 
     {"model": state_dict, "ema": state_dict | None, "ema_updates": int, "optimizer": ..., "scheduler": ...,
-     "scaler": ..., "epoch": last completed epoch (0-based), "best_metric": float,
+     "scaler": ..., "epoch": last completed epoch (0-based index), "best_metric": float,
      "meta": {"model_name", "num_classes", "class_names", "imgsz", "task", ...}}
 """
 

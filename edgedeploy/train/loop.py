@@ -181,7 +181,7 @@ def fit(spec: TaskSpec) -> Fit:
     print(f"training {info.name} at {cfg.imgsz}px on {spec.device}, {epochs} epochs, {cfg.optimizer} lr {cfg.lr:g} "
           f"{cfg.lr_schedule} -> {out}")
 
-    deadline = time.monotonic() + 60 * cfg.time_limit if cfg.time_limit else None
+    deadline = time.monotonic() + 60 * cfg.time_limit if cfg.time_limit is not None else None
     val: dict[str, float] = {}
     extra: dict[str, Any] = {}
     for epoch in range(start, epochs):
