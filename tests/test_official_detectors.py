@@ -230,7 +230,8 @@ def test_triton_preprocess_follows_the_convention(conv_name, monkeypatch, tmp_pa
     import types
 
     from edgedeploy.engines.sidecar import ArtifactMeta
-    from edgedeploy.engines.triton import PREPROCESS_MODEL_PY, TensorSpec, preprocess_config
+    from edgedeploy.engines.triton import PREPROCESS_MODEL_PY, preprocess_config
+    from edgedeploy.runtime.engine import TensorSpec
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
     ns: dict = {}
@@ -238,7 +239,7 @@ def test_triton_preprocess_follows_the_convention(conv_name, monkeypatch, tmp_pa
     conv = preset(conv_name)
     meta = ArtifactMeta(model="yolox_nano", task="detect")
     meta.set_convention(conv)
-    text = preprocess_config("p", meta, TensorSpec("images", "TYPE_FP32", [-1, 3, 96, 96]), 4)
+    text = preprocess_config("p", meta, TensorSpec("images", (-1, 3, 96, 96), np.dtype(np.float32)), 4)
     found = __import__("re").findall(r'key: "(\w+)" value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', text)
     params = {k: v.replace('\\"', '"') for k, v in found}
     model = ns["TritonPythonModel"]()

@@ -322,7 +322,7 @@ def predictor_for_artifact(
     if suffix in (".pt", ".pth", ".ckpt"):
         model, _ = load_classifier(path, model_name, num_classes)
         return model.to(select_device(device)), 64
-    from edgedeploy.runtime.engine import load_engine
+    from edgedeploy.runtime.loader import load_engine
 
     engine = load_engine(path, model=model_name)
     fixed = engine.input.shape[0]

@@ -243,7 +243,7 @@ def torch_predict_fn(
     """A PyTorch detector in eval mode; NMS runs on the model's device."""
     import torch
 
-    from edgedeploy.models.detect_common import postprocess
+    from edgedeploy.runtime.nms import batched_detections
 
     device = device or next(model.parameters()).device
 
@@ -253,7 +253,8 @@ def torch_predict_fn(
             xt = torch.from_numpy(x).to(device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=amp and xt.device.type == "cuda"):
                 boxes, scores = model(xt)
-            return postprocess(boxes.float(), scores.float(), conf_thres, iou_thres, max_det)
+            return batched_detections(boxes.float(), scores.float(), conf_thres=conf_thres, iou_thres=iou_thres,
+                                      max_det=max_det)
 
     return predict
 
@@ -283,7 +284,7 @@ def engine_predict_fn(
 
 def onnx_predict_fn(path: str | os.PathLike, **kwargs) -> PredictFn:
     """An ONNX detector through ONNX Runtime (with or without NMS in the graph)."""
-    from edgedeploy.runtime.engine import load_engine
+    from edgedeploy.runtime.loader import load_engine
 
     return engine_predict_fn(load_engine(path, backend="onnxruntime"), **kwargs)
 
@@ -308,9 +309,10 @@ def detections_from_outputs(
     if score_arr is None or score_arr.ndim != 3:
         score_arr = next((a for a in three_d if box_arr is not None and a is not box_arr and a.shape[:2] == box_arr.shape[:2]), None)
     if box_arr is not None and score_arr is not None and len(arrays) == 2:
-        from edgedeploy.models.detect_common import postprocess
+        from edgedeploy.runtime.nms import batched_detections
 
-        dets = postprocess(torch.from_numpy(box_arr.astype(np.float32)), torch.from_numpy(score_arr.astype(np.float32)), conf_thres, iou_thres, max_det)
+        dets = batched_detections(torch.from_numpy(box_arr.astype(np.float32)), torch.from_numpy(score_arr.astype(np.float32)),
+                                  conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
         return [d.numpy() for d in dets]
     packed = next((a for a in three_d if a.shape[-1] == 6), None)
     if packed is not None and len(arrays) == 1:
@@ -393,7 +395,7 @@ def run_eval_cli(args) -> int:
         model = load_detector(artifact, model_name, num_classes=getattr(args, "num_classes", None) or len(dataset.names))
         predict = torch_predict_fn(model.to(device), device, conf, iou, max_det)
     else:
-        from edgedeploy.runtime.engine import load_engine
+        from edgedeploy.runtime.loader import load_engine
 
         predict = engine_predict_fn(load_engine(artifact), conf, iou, max_det)
     mean = meta.get("mean") or (info.mean if info else (0.0, 0.0, 0.0))

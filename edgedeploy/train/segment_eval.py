@@ -213,7 +213,7 @@ def artifact_predict_fn(path: str, model_name: str | None = None) -> tuple[Predi
     """(predict_fn, batch) over an ONNX file or TensorRT engine via edgedeploy.runtime (ONNX Runtime fallback);
     a static-batch artifact gets its last, short batch padded."""
     try:
-        from edgedeploy.runtime.engine import load_engine
+        from edgedeploy.runtime.loader import load_engine
     except ImportError:
         return onnx_predict_fn(path), 1
     engine = load_engine(path, model=model_name)
