@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "edgedeploy"
 
 # Low -> high. A top-level module is named by its file, a room by its folder.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("errors", "io", "options", "version"),
+    ("errors", "io", "options", "tasks", "version"),
     ("data",),
     ("models",),
     ("runtime",),
