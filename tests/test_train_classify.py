@@ -15,7 +15,8 @@ from edgedeploy.errors import CheckpointError, DatasetError, EdgeDeployError
 from edgedeploy.models.checkpoint import read_checkpoint
 from edgedeploy.models.registry import create_model
 from edgedeploy.train import classify
-from edgedeploy.train.classify import evaluate_classifier, load_classifier, train_classifier
+from edgedeploy.eval.classify import evaluate_classifier, load_classifier
+from edgedeploy.train.classify import train_classifier
 from edgedeploy.train.common import (
     MetricsLogger,
     ModelEMA,

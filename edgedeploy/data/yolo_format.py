@@ -411,3 +411,13 @@ def open_detection_dataset(path: str | os.PathLike, split: str = "train") -> Det
         f"{path} is neither a YOLO dataset (images/{split} + labels/{split}) nor a COCO dataset "
         f"(annotations/instances_{split}.json + images); see docs/DETECTION.md for both layouts"
     )
+
+
+def open_detection_data(data: str | os.PathLike, split: str, imgsz: int, synthetic: dict | None = None) -> DetectionDataset:
+    """`open_detection_dataset`, or the built-in `synthetic` set when `data` is "synthetic" (`synthetic`: keyword
+    arguments of `synthetic_detection_dataset`, e.g. num_train, num_val, seed)."""
+    if str(data).lower() == "synthetic":
+        from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
+
+        return load_yolo_dataset(synthetic_detection_dataset(**{"imgsz": imgsz, **(synthetic or {})}), split)
+    return open_detection_dataset(data, split)

@@ -3,7 +3,7 @@
 Typical loop (see `edgedeploy.train.classify` for the full version)::
 
     seed_everything(args.seed)
-    device = select_device(args.device)              # cuda if available, else cpu
+    device = select_device(args.device)              # edgedeploy.eval.predictors: cuda if available, else cpu
     out = run_dir("runs/train", "mobilenetv3_small")  # runs/train/<name>, <name>2, ...
     model = create_model(name, num_classes=n).to(device)
     ema = ModelEMA(model)                             # evaluate and export ema.ema
@@ -70,27 +70,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-
-
-def select_device(device: str | None = None) -> torch.device:
-    """'auto'/None -> cuda if available else cpu; 'cpu'; 'cuda', 'cuda:1' or just '1'."""
-    if device is None or str(device).lower() in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = str(device).lower()
-    if name.isdigit():
-        name = f"cuda:{name}"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EdgeDeployError(
-                f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-                f"built for CUDA {torch.version.cuda}). Use --device cpu, or check the driver with `nvidia-smi`."
-            )
-        index = torch.device(name).index or 0
-        if index >= torch.cuda.device_count():
-            raise EdgeDeployError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif name != "cpu":
-        raise EdgeDeployError(f"--device {device}: expected auto, cpu, cuda, cuda:N or N")
-    return torch.device(name)
 
 
 def run_dir(base: str | os.PathLike = "runs/train", name: str = "exp", exist_ok: bool = False) -> Path:

@@ -110,19 +110,6 @@ def config_from_args(args: argparse.Namespace | DetectTrainConfig) -> DetectTrai
 # ------------------------------------------------------------------------------------------- data and models
 
 
-def open_detection_data(data: str | os.PathLike, split: str, imgsz: int, synthetic: dict[str, Any] | None = None):
-    """A DetectionDataset for `split` of a YOLO/COCO folder, a COCO json, or the built-in `synthetic` set
-    (`synthetic`: keyword arguments of `synthetic_detection_dataset`, e.g. num_train, num_val, seed)."""
-    from edgedeploy.data.yolo_format import load_yolo_dataset, open_detection_dataset
-
-    if str(data).lower() == "synthetic":
-        from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
-
-        root = synthetic_detection_dataset(**{"imgsz": imgsz, **(synthetic or {})})
-        return load_yolo_dataset(root, split)
-    return open_detection_dataset(data, split)
-
-
 def synthetic_params(cfg: DetectTrainConfig, imgsz: int) -> dict[str, Any]:
     from edgedeploy.data.synthetic_detect import SHAPES
 
@@ -135,54 +122,6 @@ def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     from edgedeploy.models.checkpoint import checkpoint_meta as _meta
 
     return _meta(path)
-
-
-def read_detector_meta(artifact: str | os.PathLike) -> dict[str, Any]:
-    """model_name, imgsz, class_names ... from a checkpoint's meta or an exported artifact's sidecar."""
-    artifact = Path(artifact)
-    if artifact.suffix.lower() in (".pt", ".pth", ".ckpt"):
-        return checkpoint_meta(artifact)
-    from edgedeploy.engines.sidecar import read_sidecar
-
-    side = read_sidecar(artifact, required=False)
-    if side is None:
-        return {}
-    shape = side.input_shape
-    imgsz = shape[-1] if shape and isinstance(shape[-1], int) else None
-    return {"model_name": side.model, "class_names": list(side.class_names), "imgsz": imgsz, "task": side.task,
-            "mean": list(side.mean), "std": list(side.std), "preprocess": side.convention().to_dict()}
-
-
-def check_family(meta: dict[str, Any], model_name: str, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint of another detector before its keys are compared (clearer than 300 missing keys)."""
-    from edgedeploy.models.registry import get_model_info
-
-    saved = meta.get("model_name")
-    if not saved:
-        return
-    want, have = get_model_info(model_name), get_model_info(saved)
-    if want.name != have.name:
-        hint = (
-            f"it is a {have.family} checkpoint and {model_name} is a {want.family} model: the two YOLO families do "
-            "not share weights" if want.family != have.family else "a different size of the same family"
-        )
-        raise CheckpointError(f"{path} was trained as {have.name}, not {want.name} ({hint}). Pass --model {have.name}.")
-
-
-def load_detector(path: str | os.PathLike, model_name: str | None = None, num_classes: int | None = None):
-    """A detector rebuilt from our checkpoint (EMA weights), model and class count taken from its meta."""
-    from edgedeploy.models.checkpoint import load_weights
-    from edgedeploy.models.registry import create_model
-
-    meta = checkpoint_meta(path)
-    model_name = model_name or meta.get("model_name")
-    if not model_name:
-        raise CheckpointError(f"{path} does not say which model it belongs to: pass --model NAME")
-    check_family(meta, model_name, path)
-    num_classes = int(meta.get("num_classes") or num_classes or 80)
-    model = create_model(model_name, num_classes=num_classes)
-    load_weights(model, path)
-    return model.eval()
 
 
 def load_finetune_weights(model, resolved, path) -> None:
@@ -261,9 +200,11 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
     from edgedeploy.models.registry import create_model, get_model_info
     from edgedeploy.train.common import (
         MetricsLogger, ModelEMA, WarmupCosine, autocast, build_optimizer, load_for_resume, make_grad_scaler,
-        run_dir, save_checkpoint, seed_everything, select_device,
+        run_dir, save_checkpoint, seed_everything,
     )  # fmt: skip
-    from edgedeploy.train.detect_eval import evaluate_detector, torch_predict_fn
+    from edgedeploy.data.yolo_format import open_detection_data
+    from edgedeploy.eval.detect import check_family, evaluate_detector, load_detector
+    from edgedeploy.eval.predictors import select_device, torch_detect_fn
     from edgedeploy.train.detect_losses import build_detection_loss
 
     cfg = config_from_args(args)
@@ -417,7 +358,7 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
         if (epoch + 1) % max(1, cfg.eval_interval) == 0 or last_epoch:
             recalibrate_batchnorm(eval_model(), calib_loader, device, cfg.precise_bn)
             metrics = evaluate_detector(
-                torch_predict_fn(eval_model(), device, amp=cfg.amp), val_ds, imgsz, mean=info.mean, std=info.std,
+                torch_detect_fn(eval_model(), device, amp=cfg.amp), val_ds, imgsz, mean=info.mean, std=info.std,
                 batch_size=max(1, batch), out_dir=out, verbose=False, desc="val", progress=cfg.progress,
                 convention=convention,
             )  # fmt: skip
@@ -438,7 +379,7 @@ def train_detector(args: argparse.Namespace | DetectTrainConfig) -> dict[str, An
     best_path = out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
     final_model = load_detector(best_path, info.name).to(device)
     print(f"\nvalidating {best_path}:")
-    metrics = evaluate_detector(torch_predict_fn(final_model, device), val_ds, imgsz, mean=info.mean, std=info.std, batch_size=max(1, batch), out_dir=out, desc="val", progress=cfg.progress, convention=convention)
+    metrics = evaluate_detector(torch_detect_fn(final_model, device), val_ds, imgsz, mean=info.mean, std=info.std, batch_size=max(1, batch), out_dir=out, desc="val", progress=cfg.progress, convention=convention)
     print(metrics.class_table())
     atomic_write_json(out / "val_metrics.json", metrics.as_dict())
     summary = {

@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader, RandomSampler
 
 from edgedeploy.errors import CheckpointError, EdgeDeployError
+from edgedeploy.eval.predictors import select_device
 from edgedeploy.train.common import (
     MetricsLogger,
     ModelEMA,
@@ -33,7 +34,6 @@ from edgedeploy.train.common import (
     run_dir,
     save_checkpoint,
     seed_everything,
-    select_device,
 )
 
 # Small images, from scratch: AdamW converges in a few CPU minutes where SGD needs many more epochs.
@@ -162,8 +162,9 @@ def train_segmentation(
     """
     from edgedeploy.data.sources import record_data
     from edgedeploy.data.voc import dataset_summary, mask_palette, open_segmentation_data
+    from edgedeploy.eval.predictors import torch_predict_fn
+    from edgedeploy.eval.segment import evaluate_segmenter
     from edgedeploy.models.registry import create_model, get_model_info
-    from edgedeploy.train.segment_eval import evaluate_segmenter, torch_predict_fn
 
     t_start = time.perf_counter()
     resume_path: Path | None = None
