@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from edgedeploy import __version__
+from edgedeploy.version import __version__
 from edgedeploy.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, EdgeDeployError
 
 # name -> (module exposing `configure(parser)` and `run(args) -> int`, one-line help)

@@ -50,7 +50,7 @@ def run_demo(model: str = DEMO_MODEL, out: Path = Path("runs/demo"), epochs: int
     from edgedeploy.benchmarks.compare import CompareEntry, markdown_table, plot_latency_accuracy, run_compare
     from edgedeploy.export import export
     from edgedeploy.io import atomic_write_json, atomic_write_text
-    from edgedeploy.runtime.engine import load_engine
+    from edgedeploy.runtime.loader import load_engine
     from edgedeploy.train.classify import train_classifier
 
     out = Path(out)

@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Sequence
 
 from edgedeploy.errors import EXIT_USAGE, EdgeDeployError
@@ -139,11 +140,64 @@ WARMUP_MS = FloatOption("--warmup", 0.0, 3_600_000.0, what=" ms")
 DURATION_S = FloatOption("--duration", 0.0, 86_400.0, lo_open=True, what=" s")
 PERCENTILE = FloatOption("--percentiles", 0.0, 100.0)
 
-PRECISION = ChoiceOption("--precision", ("fp32", "fp16", "int8"))
-NMS_MODE = ChoiceOption("--nms", ("none", "onnx", "trt"))
-CALIB_METHOD = ChoiceOption("--calib-method", ("auto", "minmax", "ema", "percentile", "entropy"))
+
+
+class Precision(str, Enum):
+    """An engine's arithmetic: FP32, FP16 (FP32 plus half-precision kernels), INT8 (explicit Q/DQ, FP16 fallback)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class NmsMode(str, Enum):
+    """Where a detector's NMS runs: on the host after the engine (`none`), in the graph as ONNX
+    NonMaxSuppression (`onnx`), or as TensorRT's EfficientNMS_TRT plugin (`trt`)."""
+
+    NONE = "none"
+    ONNX = "onnx"
+    TRT = "trt"
+
+
+class CalibMethod(str, Enum):
+    """How INT8 ranges are taken from the calibration images (`auto`: per model family, see docs/EXPORT.md)."""
+
+    AUTO = "auto"
+    MINMAX = "minmax"
+    EMA = "ema"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+
+
+def _values(enum: type[Enum]) -> tuple[str, ...]:
+    return tuple(m.value for m in enum)
+
+
+PRECISION = ChoiceOption("--precision", _values(Precision))
+NMS_MODE = ChoiceOption("--nms", _values(NmsMode))
+CALIB_METHOD = ChoiceOption("--calib-method", _values(CalibMethod))
 BUILDER = ChoiceOption("--builder", ("auto", "tensorrt", "tensorrt-rtx", "none"))
 FP16_IO = ChoiceOption("--fp16-io", ("fp32", "fp16"))
+
+
+@dataclass(frozen=True)
+class NmsSettings:
+    """A detector's post-processing thresholds: score threshold, IoU threshold and detections kept per image."""
+
+    conf_thres: float
+    iou_thres: float
+    max_det: int
+
+    def __post_init__(self) -> None:
+        CONF_THRES.check(self.conf_thres)
+        IOU_THRES.check(self.iou_thres)
+        MAX_DET.check(self.max_det)
+
+
+# The detection defaults, defined here only. Serving (pipelines, exported NMS, Triton, the camera app) keeps
+# confident boxes; scoring mAP keeps nearly all of them (YOLOv5's and YOLOX's evaluation settings).
+SERVE_NMS = NmsSettings(conf_thres=0.25, iou_thres=0.45, max_det=100)
+EVAL_NMS = NmsSettings(conf_thres=0.001, iou_thres=0.65, max_det=300)
 
 
 def dynamic_batch(value: Any, flag: str = "--dynamic-batch") -> tuple[int, int, int]:

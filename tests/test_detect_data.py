@@ -14,7 +14,8 @@ import torch
 from edgedeploy.data.coco import build_coco_gt, load_coco_dataset
 from edgedeploy.data.detect_augment import LETTERBOX_PAD, DetectionTrainSet, collate_detection, letterbox_sample
 from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
-from edgedeploy.data.yolo_format import load_yolo_dataset, open_detection_dataset, read_class_names
+from edgedeploy.data.sources import open_detection_dataset
+from edgedeploy.data.yolo_format import load_yolo_dataset, read_class_names
 from edgedeploy.errors import DatasetError
 
 # Class colours (BGR) for the hand-made datasets: every object is a solid rectangle of its class colour.

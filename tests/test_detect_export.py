@@ -10,13 +10,13 @@ import torch
 from edgedeploy.errors import EngineBuildError, ExportError
 from edgedeploy.export.onnx_export import export_onnx
 from edgedeploy.export.options import ExportOptions
-from edgedeploy.export.runners import OrtRunner
+from edgedeploy.export.parity import engine_runner, onnx_engine
 from edgedeploy.export.tasks import get_task_adapter
 from edgedeploy.export.tasks.detect import NMS_OUTPUTS, build_export_module, make_detector_realistic
 from edgedeploy.models import create_model, get_model_info
-from edgedeploy.models.detect_common import postprocess
 from edgedeploy.models.yolov5 import YOLOv5
 from edgedeploy.models.yolox import YOLOX
+from edgedeploy.runtime.nms import batched_detections
 
 IMGSZ = 128
 
@@ -64,14 +64,15 @@ def test_nms_onnx_matches_torchvision_batched_nms(tmp_path, arch, agnostic, max_
     module = build_export_module(model, "onnx", max_det=max_det, iou_thres=iou, conf_thres=conf, agnostic=agnostic)
     proto = _export(module, x, tmp_path / "m.onnx", NMS_OUTPUTS)
     assert [n.op_type for n in proto.graph.node].count("NonMaxSuppression") == 1
-    got = OrtRunner(tmp_path / "m.onnx")(x)  # batch of 3 through a dynamic-batch graph
+    got = engine_runner(onnx_engine(tmp_path / "m.onnx"))(x)  # batch of 3 through a dynamic-batch graph
     assert got[0].dtype == np.int32 and got[3].dtype == np.int32 and got[1].shape == (3, max_det, 4)
 
     with torch.no_grad():
         boxes, scores = model(torch.from_numpy(x))
-    reference = postprocess(boxes, scores, conf, iou, max_det, agnostic)  # torchvision.ops.batched_nms
+    # torchvision.ops.batched_nms per image
+    reference = batched_detections(boxes, scores, conf_thres=conf, iou_thres=iou, max_det=max_det, agnostic=agnostic)
     candidates = (scores.amax(-1) > conf).sum(1)
-    uncapped = postprocess(boxes, scores, conf, iou, 10**6, agnostic)
+    uncapped = batched_detections(boxes, scores, conf_thres=conf, iou_thres=iou, max_det=10**6, agnostic=agnostic)
     suppressed = 0
     for b, (ref, det) in enumerate(zip(reference, _as_dets(got))):
         ref = ref.numpy()
@@ -94,7 +95,7 @@ def test_nms_none_outputs_match(tmp_path):
     model = _realistic(YOLOv5(0.33, 0.125, num_classes=3), x)
     module = build_export_module(model, "none")
     _export(module, x, tmp_path / "m.onnx", ["boxes", "scores"])
-    got = OrtRunner(tmp_path / "m.onnx")(x)
+    got = engine_runner(onnx_engine(tmp_path / "m.onnx"))(x)
     with torch.no_grad():
         boxes, scores = model(torch.from_numpy(x))
     assert float(scores.std()) > 0.05
@@ -122,7 +123,7 @@ def test_nms_trt_graph_has_efficientnms_plugin(tmp_path):
     # Eager output (what the plugin computes) equals the torchvision reference.
     with torch.no_grad():
         num, boxes, scores, classes = module(torch.from_numpy(x))
-        ref = postprocess(*model(torch.from_numpy(x)), conf_thres=0.25, iou_thres=0.5, max_det=50, agnostic=True)
+        ref = batched_detections(*model(torch.from_numpy(x)), conf_thres=0.25, iou_thres=0.5, max_det=50, agnostic=True)
     for b, r in enumerate(ref):
         assert num[b, 0] == len(r) > 0
         torch.testing.assert_close(scores[b, :len(r)], r[:, 4])

@@ -10,8 +10,9 @@ import torch
 from edgedeploy.errors import EdgeDeployError, InputError
 from edgedeploy.models import create_model, get_model_info, list_models
 from edgedeploy.models.complexity import count_macs, count_macs_thop_convention, count_params, count_params_bn_folded
-from edgedeploy.models.detect_common import decode_yolov5, decode_yolox, postprocess
+from edgedeploy.models.detect_common import decode_yolov5, decode_yolox
 from edgedeploy.models.yolov5 import DEFAULT_ANCHORS, YOLOv5
+from edgedeploy.runtime.nms import batched_detections
 from edgedeploy.models.yolox import YOLOX
 
 YOLOV5 = ["yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x"]
@@ -134,20 +135,20 @@ def test_postprocess_nms_classes_thresholds():
     scores[0, 2, 1] = 0.7  # same place, other class -> kept (unless agnostic)
     scores[0, 3, 2] = 0.6  # kept
     scores[0, 4, 2] = 0.2  # below conf
-    det = postprocess(boxes, scores, conf_thres=0.25, iou_thres=0.5)[0]
+    det = batched_detections(boxes, scores, conf_thres=0.25, iou_thres=0.5)[0]
     assert det[:, 4].tolist() == pytest.approx([0.9, 0.7, 0.6])
     assert det[:, 5].tolist() == [0, 1, 2]
     torch.testing.assert_close(det[1, :4], boxes[0, 2])
-    agn = postprocess(boxes, scores, conf_thres=0.25, iou_thres=0.5, agnostic=True)[0]
+    agn = batched_detections(boxes, scores, conf_thres=0.25, iou_thres=0.5, agnostic=True)[0]
     assert agn[:, 4].tolist() == pytest.approx([0.9, 0.6])
-    top1 = postprocess(boxes, scores, conf_thres=0.1, iou_thres=0.5, max_det=1)[0]
+    top1 = batched_detections(boxes, scores, conf_thres=0.1, iou_thres=0.5, max_det=1)[0]
     assert top1.shape == (1, 6) and top1[0, 4].item() == pytest.approx(0.9)
-    empty = postprocess(boxes, scores, conf_thres=0.95)[0]
+    empty = batched_detections(boxes, scores, conf_thres=0.95)[0]
     assert empty.shape == (0, 6)
 
 
 def test_bad_inputs_raise_actionable_errors():
     with pytest.raises(InputError, match="boxes \\[B,N,4\\]"):
-        postprocess(torch.zeros(5, 4), torch.zeros(5, 3))
+        batched_detections(torch.zeros(5, 4), torch.zeros(5, 3))
     with pytest.raises(EdgeDeployError, match="num_classes"):
         create_model("yolox_nano", num_classes=0)

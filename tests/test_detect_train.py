@@ -195,11 +195,12 @@ def test_precise_bn_replaces_lagging_running_statistics():
 
 @pytest.fixture(scope="module")
 def smoke_run(synthetic_root, tmp_path_factory):
-    from edgedeploy.train.detect import DetectTrainConfig, train_detector
+    from edgedeploy.train.config import DetectConfig
+    from edgedeploy.train.detect import train_detector
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = DetectTrainConfig(
-        model="yolox_nano", data=str(synthetic_root), epochs=3, batch=4, imgsz=IMGSZ, workers=0, optimizer="adamw",
+    cfg = DetectConfig(
+        model="yolox_nano", data=str(synthetic_root), epochs=3, batch_size=4, imgsz=IMGSZ, workers=0, optimizer="adamw",
         lr=0.002, mosaic=1.0, close_mosaic=1, max_iters=3, project=str(out), name="smoke", device="cpu", seed=0, precise_bn=2,
     )  # fmt: skip
     return cfg, train_detector(cfg)

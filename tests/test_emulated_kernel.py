@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from edgedeploy.data.preprocess import LETTERBOX_PAD, to_input_tensor
-from edgedeploy.runtime.gpu_preprocess import kernel_args, launch_config, letterbox_geometry
+from edgedeploy.data.preprocess import letterbox_geometry
+from edgedeploy.runtime.gpu_preprocess import kernel_args, launch_config
 from edgedeploy.runtime.kernels import PREPROCESS_SOURCE
 from emulated.kernel_cpu import compiler, preprocess_kernels
 

@@ -61,9 +61,9 @@ def out_root(tmp_path_factory):
 
 
 def _ort(path):
-    from edgedeploy.export.runners import OrtRunner
+    from edgedeploy.export.parity import engine_runner, onnx_engine
 
-    return OrtRunner(path, threads=1)
+    return engine_runner(onnx_engine(path, threads=1))
 
 
 def _fp16_error(out, name: str, imgsz: int, n_out: int) -> float:

@@ -140,7 +140,7 @@ def test_trained_export_fp16_int8_engines_and_reuse(trained, tmp_path):
 
 
 def test_dynamic_batch_every_image_matches(tmp_path):
-    from edgedeploy.export.runners import OrtRunner
+    from edgedeploy.export.parity import engine_runner, onnx_engine
 
     report = export("mobilenetv1_025", imgsz=IMGSZ, dynamic_batch=(1, 2, 4), out=str(tmp_path), builder="none",
                     progress=False, parity_inputs=4)
@@ -148,7 +148,7 @@ def test_dynamic_batch_every_image_matches(tmp_path):
     onnx_path = tmp_path / "mobilenetv1_025" / "mobilenetv1_025.onnx"
     meta = json.loads(Path(str(onnx_path) + ".json").read_text())
     assert meta["input_shape"][0] == "batch" and meta["batch"] == {"min": 1, "opt": 2, "max": 4}
-    run = OrtRunner(onnx_path)
+    run = engine_runner(onnx_engine(onnx_path))
     x = np.random.default_rng(0).standard_normal((3, 3, IMGSZ, IMGSZ)).astype(np.float32)
     batched = run(x)[0]
     singles = np.concatenate([run(x[i:i + 1])[0] for i in range(3)])

@@ -120,7 +120,8 @@ def test_torch_device_path_equals_cpu_path_and_uses_the_engines_stream(host_cuda
     gpu = _torch_detector(device_io=True)
     assert cpu.gpu_pre is None and gpu.gpu_pre is not None
     caps = gpu.engine.capabilities
-    assert caps == Capabilities(device_buffers=True, stream=True, graph_capture=False, fp16_io=False)
+    assert caps == Capabilities(device_buffers=True, stream=True, graph_capture=False, fp16_io=False,
+                                torch_io=True)
     assert gpu.gpu_pre.stream is gpu.engine.stream, "kernel and model must share one stream"
     frames = _frames()
     want = cpu.predict_batch(frames)
@@ -206,7 +207,7 @@ def test_gpu_path_that_cannot_start_falls_back_to_cpu_with_one_warning(monkeypat
 def test_capabilities_are_declared_by_the_engines(tmp):
     clf_path, model = make_classifier_onnx(tmp)
     assert OnnxRuntimeEngine(clf_path, device="cpu").capabilities == Capabilities()
-    assert TorchEngine(model, input_shape=(-1, 3, 32, 32), device="cpu").capabilities == Capabilities()
+    assert TorchEngine(model, input_shape=(-1, 3, 32, 32), device="cpu").capabilities == Capabilities(torch_io=True)
     half = TorchEngine(model, input_shape=(-1, 3, 32, 32), device="cpu", half=True, device_io=True)
     assert half.capabilities.fp16_io and half.capabilities.device_buffers
     with pytest.raises(EdgeDeployError, match="takes no device buffers"):

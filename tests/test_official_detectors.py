@@ -190,13 +190,14 @@ def test_yolox_legacy_file_is_told_by_its_amp_entry(tmp_path):
 def test_finetune_from_official_yolox_reinitialises_head_and_keeps_convention(tmp_path, capsys):
     from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
     from edgedeploy.models.checkpoint import read_checkpoint
-    from edgedeploy.train.detect import DetectTrainConfig, train_detector
+    from edgedeploy.train.config import DetectConfig
+    from edgedeploy.train.detect import train_detector
 
     torch.set_num_threads(1)
     root = synthetic_detection_dataset(tmp_path / "syn", num_train=4, num_val=2, imgsz=64, seed=3)
-    cfg = DetectTrainConfig(model="yolox_nano", data=str(root), weights=str(FIX / "yolox_nano.pth"), epochs=1,
-                            batch=2, imgsz=64, workers=0, max_iters=1, project=str(tmp_path / "runs"), name="ft",
-                            device="cpu", seed=0, precise_bn=1, ema=False, mosaic=0.0, lr=1e-9)
+    cfg = DetectConfig(model="yolox_nano", data=str(root), weights=str(FIX / "yolox_nano.pth"), epochs=1,
+                       batch_size=2, imgsz=64, workers=0, max_iters=1, project=str(tmp_path / "runs"), name="ft",
+                       device="cpu", seed=0, precise_bn=1, ema=False, mosaic=0.0, lr=1e-9)
     summary = train_detector(cfg)
     out = capsys.readouterr().out
     assert "80 classes in the checkpoint" in out and "re-initialised" in out and "head.cls_preds.0.weight" in out
@@ -229,7 +230,8 @@ def test_triton_preprocess_follows_the_convention(conv_name, monkeypatch, tmp_pa
     import types
 
     from edgedeploy.engines.sidecar import ArtifactMeta
-    from edgedeploy.engines.triton import PREPROCESS_MODEL_PY, TensorSpec, preprocess_config
+    from edgedeploy.engines.triton import PREPROCESS_MODEL_PY, preprocess_config
+    from edgedeploy.runtime.engine import TensorSpec
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils"))
     ns: dict = {}
@@ -237,7 +239,7 @@ def test_triton_preprocess_follows_the_convention(conv_name, monkeypatch, tmp_pa
     conv = preset(conv_name)
     meta = ArtifactMeta(model="yolox_nano", task="detect")
     meta.set_convention(conv)
-    text = preprocess_config("p", meta, TensorSpec("images", "TYPE_FP32", [-1, 3, 96, 96]), 4)
+    text = preprocess_config("p", meta, TensorSpec("images", (-1, 3, 96, 96), np.dtype(np.float32)), 4)
     found = __import__("re").findall(r'key: "(\w+)" value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', text)
     params = {k: v.replace('\\"', '"') for k, v in found}
     model = ns["TritonPythonModel"]()

@@ -73,7 +73,7 @@ def _legacy_reinit(model, sample, seed=0, target_std=2.0):
 def test_same_seed_gives_identical_weights_and_onnx_outputs(tmp_path):
     """Weights come from --seed alone (not the global RNG): two exports with one seed give bit-identical ONNX
     weights and outputs; another seed gives others."""
-    from edgedeploy.export.runners import OrtRunner
+    from edgedeploy.export.parity import engine_runner, onnx_engine
 
     inits = {}
     for run, (seed, global_seed) in enumerate([(3, 0), (3, 1), (4, 0)]):
@@ -81,7 +81,7 @@ def test_same_seed_gives_identical_weights_and_onnx_outputs(tmp_path):
         _export("mobilenetv3_small", tmp_path / str(run), seed=seed)
         path = tmp_path / str(run) / "mobilenetv3_small" / "mobilenetv3_small.onnx"
         inits[run] = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
-        inits[run]["__out__"] = OrtRunner(path)(np.random.default_rng(7).random((1, 3, IMGSZ, IMGSZ), np.float32))[0]
+        inits[run]["__out__"] = engine_runner(onnx_engine(path))(np.random.default_rng(7).random((1, 3, IMGSZ, IMGSZ), np.float32))[0]
     assert inits[0].keys() == inits[1].keys()
     assert all(np.array_equal(inits[0][k], inits[1][k]) for k in inits[0])
     assert not np.array_equal(inits[0]["__out__"], inits[2]["__out__"])

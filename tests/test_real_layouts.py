@@ -348,7 +348,7 @@ def test_agreement_is_printed_with_the_digits_that_show_a_difference():
 
 
 def test_yolo_split_tolerates_and_names_other_formats(ultralytics, tmp_path):
-    from edgedeploy.data.yolo_format import open_detection_dataset
+    from edgedeploy.data.sources import open_detection_dataset
 
     _, root, yaml_file = ultralytics
     copy = tmp_path / "tiny"

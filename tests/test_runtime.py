@@ -14,7 +14,7 @@ from edgedeploy.errors import EdgeDeployError, EngineCompatibilityError, InputEr
 from edgedeploy.runtime import Classifier, Detector, Segmenter, load_engine, load_pipeline
 from edgedeploy.runtime.backends.tensorrt import check_engine_compat, check_engine_file
 from edgedeploy.runtime.backends.torch import TorchEngine
-from edgedeploy.runtime.gpu_preprocess import letterbox_geometry
+from edgedeploy.data.preprocess import letterbox_geometry
 from edgedeploy.runtime.nms import batched_detections
 from edgedeploy.runtime.pipelines import as_bgr
 from test_runtime_models import (

@@ -7,7 +7,7 @@ import torch
 
 from edgedeploy.export.onnx_export import export_onnx
 from edgedeploy.export.options import ExportOptions
-from edgedeploy.export.runners import OrtRunner, TorchRunner
+from edgedeploy.export.parity import engine_runner, onnx_engine, torch_engine
 from edgedeploy.export.tasks import EvalData, get_task_adapter
 from edgedeploy.models import create_model
 from tests.test_segment_model import balance_classes, randomise
@@ -32,7 +32,7 @@ def test_dynamic_size_onnx_matches_torch_at_non_divisible_sizes(tmp_path):
                         {"images": {2: "height", 3: "width"}, "logits": {2: "height", 3: "width"}}, 17)
     ops = {n.op_type for n in proto.graph.node}
     assert "ReduceMean" in ops and "AveragePool" not in ops  # the attention pooling is a mean over H, W
-    ort_run, torch_run = OrtRunner(path), TorchRunner(model)
+    ort_run, torch_run = engine_runner(onnx_engine(path)), engine_runner(torch_engine(model))
     rng = np.random.default_rng(0)
     for hw in [(250, 330), (513, 513), (72, 100)]:
         x = rng.standard_normal((1, 3, *hw)).astype(np.float32)
@@ -50,7 +50,7 @@ def test_static_argmax_export_of_large_at_250x330(tmp_path):
     path = tmp_path / "seg_argmax.onnx"
     x = np.random.default_rng(1).standard_normal((1, 3, 250, 330)).astype(np.float32)
     export_onnx(model, x, path, ["images"], ["mask"], {}, 17)
-    ref, got = TorchRunner(model)(x), OrtRunner(path)(x)
+    ref, got = engine_runner(torch_engine(model))(x), engine_runner(onnx_engine(path))(x)
     assert got[0].dtype == np.int32 and got[0].shape == (1, 250, 330)
     assert len(np.unique(ref[0])) >= 3  # a mask of one class would prove nothing
     result = ADAPTER.compare(["mask"], ref, got, 1e-3, 1e-4)

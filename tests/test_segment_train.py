@@ -9,7 +9,7 @@ import torch
 
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.models import create_model
-from edgedeploy.train.segment import WarmupPoly, add_task_arguments, train_segmenter
+from edgedeploy.train.common import WarmupPoly
 
 
 @pytest.fixture()
@@ -20,23 +20,16 @@ def data_home(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_tiny_training_run_writes_loadable_checkpoints(data_home, monkeypatch):
+    from edgedeploy import cli
     from edgedeploy.train import segment
 
     # keep the synthetic set tiny: the CLI path takes the preset, shrink it for the test
     monkeypatch.setitem(segment.SYNTHETIC_PRESET, "imgsz", 64)
-    parser = argparse.ArgumentParser()
-    add_task_arguments(parser)
-    args = parser.parse_args(["--lr-schedule", "cosine", "--ignore-index", "255"])
+    monkeypatch.setitem(segment.SYNTHETIC_PRESET, "synthetic", {"n_train": 8, "n_val": 2})
     out = data_home / "run"
-    args.__dict__.update(model="lraspp_mobilenetv3_small", data="synthetic", epochs=1, batch_size=4, out=str(out),
-                         workers=0, device="cpu", quiet=True)
-    orig = segment.train_segmentation
-
-    def small(**kw):
-        return orig(**{**kw, "synthetic": {"n_train": 8, "n_val": 2}})
-
-    monkeypatch.setattr(segment, "train_segmentation", small)
-    assert train_segmenter(args) == 0
+    assert cli.main(["train", "--model", "lraspp_mobilenetv3_small", "--data", "synthetic", "--epochs", "1",
+                     "--batch", "4", "--out", str(out), "--workers", "0", "--device", "cpu", "--quiet",
+                     "--lr-schedule", "cosine", "--ignore-index", "255"]) == 0
 
     rows = json.loads((out / "metrics.json").read_text())
     assert len(rows) == 1 and np.isfinite(rows[0]["train/loss"]) and 0.0 <= rows[0]["val/miou"] <= 1.0
@@ -49,7 +42,7 @@ def test_tiny_training_run_writes_loadable_checkpoints(data_home, monkeypatch):
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 5, 64, 64)
     with pytest.raises(EdgeDeployError, match="already finished"):
-        orig(resume=str(out / "last.pt"), progress=False)
+        segment.train_segmentation(resume=str(out / "last.pt"), progress=False)
 
     # `deploy eval` on the best checkpoint reproduces the validation mIoU recorded during training
     from edgedeploy.eval.segment import run_eval_cli

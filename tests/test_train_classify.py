@@ -12,10 +12,10 @@ from edgedeploy import cli
 from edgedeploy.data.imagefolder import load_imagefolder
 from edgedeploy.data.synthetic_classify import make_synthetic_classification
 from edgedeploy.errors import CheckpointError, DatasetError, EdgeDeployError
+from edgedeploy.eval.classify import evaluate_classifier, load_classifier
 from edgedeploy.models.checkpoint import read_checkpoint
 from edgedeploy.models.registry import create_model
-from edgedeploy.train import classify
-from edgedeploy.eval.classify import evaluate_classifier, load_classifier
+from edgedeploy.train import loop
 from edgedeploy.train.classify import train_classifier
 from edgedeploy.train.common import (
     MetricsLogger,
@@ -74,7 +74,7 @@ def test_resume_continues_exactly_where_the_interrupted_run_stopped(tiny, tmp_pa
     kwargs = dict(epochs=2, batch_size=8, imgsz=32, lr=0.05, progress=False)
     full = train_classifier(MODEL, tiny, out_dir=tmp_path / "full", **kwargs)
 
-    real_epoch, calls = classify._train_one_epoch, []
+    real_epoch, calls = loop.train_one_epoch, []
 
     def interrupted_in_second_epoch(*args, **kw):
         calls.append(1)
@@ -82,18 +82,18 @@ def test_resume_continues_exactly_where_the_interrupted_run_stopped(tiny, tmp_pa
             raise KeyboardInterrupt
         return real_epoch(*args, **kw)
 
-    monkeypatch.setattr(classify, "_train_one_epoch", interrupted_in_second_epoch)
+    monkeypatch.setattr(loop, "train_one_epoch", interrupted_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train_classifier(MODEL, tiny, out_dir=tmp_path / "cut", **kwargs)
-    monkeypatch.setattr(classify, "_train_one_epoch", real_epoch)
+    monkeypatch.setattr(loop, "train_one_epoch", real_epoch)
     cut = tmp_path / "cut"
-    assert read_checkpoint(cut / "last.pt")["epoch"] == 0
-    assert [r["epoch"] for r in json.loads((cut / "metrics.json").read_text())] == [0]
+    assert read_checkpoint(cut / "last.pt")["epoch"] == 0  # checkpoints: 0-based index of the last completed epoch
+    assert [r["epoch"] for r in json.loads((cut / "metrics.json").read_text())] == [1]  # logs count from 1
     assert not _temp_files(cut)
 
     resumed = train_classifier(MODEL, resume=cut / "last.pt", progress=False)  # arguments come from the checkpoint
     assert resumed.run_dir == cut and resumed.epochs == 2
-    assert [r["epoch"] for r in resumed.metrics] == [0, 1]
+    assert [r["epoch"] for r in resumed.metrics] == [1, 2]
     a, b = read_checkpoint(full.last), read_checkpoint(resumed.last)
     assert a["epoch"] == b["epoch"] == 1 and a["ema_updates"] == b["ema_updates"]
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]

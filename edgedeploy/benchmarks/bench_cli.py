@@ -45,7 +45,7 @@ def _entry_for_artifact(path: str, args: argparse.Namespace):
 
     from edgedeploy.benchmarks.compare import CompareEntry
     from edgedeploy.engines.sidecar import read_sidecar
-    from edgedeploy.runtime.engine import engine_kind, load_engine
+    from edgedeploy.runtime.loader import engine_kind, load_engine
 
     meta = read_sidecar(path, required=False)
     backend = args.backend or engine_kind(path)
@@ -98,7 +98,7 @@ def gpu_entries(args: argparse.Namespace, entries: list) -> list:
     from edgedeploy.benchmarks.compare import CompareEntry
     from edgedeploy.engines.sidecar import read_sidecar
     from edgedeploy.runtime.backends import gpu_backend_status
-    from edgedeploy.runtime.engine import device_index
+    from edgedeploy.runtime.loader import device_index
 
     status = gpu_backend_status()
     onnx = [p for p in args.artifacts if p.endswith(".onnx")]

@@ -10,16 +10,25 @@ implementation feeds it.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from edgedeploy.errors import EdgeDeployError
 
-if TYPE_CHECKING:
-    from edgedeploy.models.registry import ModelInfo
-
 LETTERBOX_PAD = 114
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelInfo(Protocol):
+    """What preprocessing reads of a model's registry entry (`edgedeploy.models.registry.ModelInfo`); data/
+    sits below models/, so it names the fields it needs instead of importing the class."""
+
+    mean: Sequence[float]
+    std: Sequence[float]
+    letterbox: bool
+    extra: Mapping[str, Any] | None
 
 _INTERPOLATIONS = ("linear", "cubic", "area", "nearest", "linear_pil", "cubic_pil")
 _RESIZES = ("resize", "letterbox", "shorter_crop")
@@ -143,6 +152,23 @@ def resize_image(img: np.ndarray, wh: tuple[int, int], interpolation: str = "lin
     return cv2.resize(img, tuple(wh), interpolation=_cv2_interp(interpolation))
 
 
+def letterbox_geometry(src_h: int, src_w: int, dst_h: int, dst_w: int, letterbox: bool = True,
+                       align: str = "center") -> tuple[Any, tuple[int, int], tuple[int, int]]:
+    """(scale, (pad_x, pad_y), (new_h, new_w)) of fitting a src_h x src_w frame into dst_h x dst_w: the one
+    geometry the CPU letterbox, the GPU kernel and the Triton steps use. `align="topleft"` pads right/bottom only
+    (YOLOX's convention), so the padding offset is (0, 0).
+
+    Without letterbox the frame is stretched to the input size; the "scale" is then per axis and returned as
+    (sx, sy) so boxes can still be mapped back.
+    """
+    if not letterbox:
+        return (dst_w / src_w, dst_h / src_h), (0, 0), (dst_h, dst_w)
+    scale = min(dst_h / src_h, dst_w / src_w)
+    new_h, new_w = int(round(src_h * scale)), int(round(src_w * scale))
+    pad = (0, 0) if align == "topleft" else ((dst_w - new_w) // 2, (dst_h - new_h) // 2)
+    return scale, pad, (new_h, new_w)
+
+
 def letterbox(img: np.ndarray, size: int | tuple[int, int], pad_value: int = LETTERBOX_PAD, align: str = "center",
               interpolation: str = "linear"):
     """Resize keeping aspect ratio and pad to `size` (h, w), centred or top-left aligned.
@@ -151,11 +177,8 @@ def letterbox(img: np.ndarray, size: int | tuple[int, int], pad_value: int = LET
     A box in the letterboxed image maps back to the original by `(xy - pad) / scale`.
     """
     h_out, w_out = (size, size) if isinstance(size, int) else size
-    h, w = img.shape[:2]
-    scale = min(h_out / h, w_out / w)
-    nh, nw = int(round(h * scale)), int(round(w * scale))
+    scale, (pad_x, pad_y), (nh, nw) = letterbox_geometry(*img.shape[:2], h_out, w_out, True, align)
     resized = resize_image(img, (nw, nh), interpolation)
-    pad_y, pad_x = ((h_out - nh) // 2, (w_out - nw) // 2) if align == "center" else (0, 0)
     out = np.full((h_out, w_out, img.shape[2]), pad_value, dtype=img.dtype)
     out[pad_y : pad_y + nh, pad_x : pad_x + nw] = resized
     return out, scale, (pad_x, pad_y)

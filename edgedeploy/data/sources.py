@@ -137,5 +137,39 @@ def split_images(root: str | os.PathLike, task: str, split: str) -> tuple[list[P
     raise DatasetError(f"no dataset layout known for task {task!r}")
 
 
-__all__ = ["Recorded", "SYNTHETIC", "describe_layout", "missing_data_error", "record_data", "recorded_data",
+def open_detection_dataset(path: str | os.PathLike, split: str = "train"):
+    """Open `split` of a YOLO-txt or COCO-json dataset folder (detected from its layout), or a COCO json file."""
+    from edgedeploy.data.coco import find_coco_split, load_coco_dataset
+    from edgedeploy.data.yolo_format import find_yolo_split, load_yolo_dataset
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        return load_coco_dataset(path)
+    if not path.exists():
+        raise DatasetError(f"dataset not found: {path} (a YOLO/COCO folder, a COCO .json file, or `synthetic`)")
+    coco = find_coco_split(path, split)  # checked first: COCO's images/<split> looks like half a YOLO layout
+    if coco is not None:
+        return load_coco_dataset(*coco, split=split)
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return load_yolo_dataset(path, split)
+    if find_yolo_split(path, split) is not None:
+        return load_yolo_dataset(path, split)
+    raise DatasetError(
+        f"{path} is neither a YOLO dataset (images/{split} + labels/{split}) nor a COCO dataset "
+        f"(annotations/instances_{split}.json + images); see docs/DETECTION.md for both layouts"
+    )
+
+
+def open_detection_data(data: str | os.PathLike, split: str, imgsz: int, synthetic: dict[str, Any] | None = None):
+    """`open_detection_dataset`, or the built-in `synthetic` set when `data` is "synthetic" (`synthetic`: keyword
+    arguments of `synthetic_detection_dataset`, e.g. num_train, num_val, seed)."""
+    if str(data).lower() == "synthetic":
+        from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
+        from edgedeploy.data.yolo_format import load_yolo_dataset
+
+        return load_yolo_dataset(synthetic_detection_dataset(**{"imgsz": imgsz, **(synthetic or {})}), split)
+    return open_detection_dataset(data, split)
+
+
+__all__ = ["Recorded", "SYNTHETIC", "describe_layout", "missing_data_error", "open_detection_data", "open_detection_dataset", "record_data", "recorded_data",
            "split_images", "trained_on_synthetic"]

@@ -161,7 +161,7 @@ def _write_tree(root: Path, params: dict, progress: bool) -> None:
     from PIL import Image
     from tqdm import tqdm
 
-    from edgedeploy.data.voc import voc_palette
+    from edgedeploy.data.palette import voc_palette
 
     palette = voc_palette()
     total = params["n_train"] + params["n_val"]

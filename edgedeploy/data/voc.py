@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import Dataset
 
 from edgedeploy.errors import DatasetError
-from edgedeploy.models.registry import IMAGENET_MEAN, IMAGENET_STD
+from edgedeploy.data.palette import voc_palette
+from edgedeploy.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 CLASS_FILES = ("classes.txt", "class_names.txt", "labels.txt")
@@ -31,21 +32,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )
-
-
-def voc_palette(n: int = 256) -> list[int]:
-    """The Pascal VOC colour map (bit-interleaved), flat [r0, g0, b0, r1, ...] for PIL's putpalette."""
-    palette = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -387,37 +387,3 @@ def _log_issues(issues: list[DatasetIssue], split: str, shown: int = 10) -> None
         log.warning("%s", issue)
     if len(issues) > shown:
         log.warning("... and %d more problems in the %s split", len(issues) - shown, split)
-
-
-def open_detection_dataset(path: str | os.PathLike, split: str = "train") -> DetectionDataset:
-    """Open `split` of a YOLO-txt or COCO-json dataset folder (detected from its layout), or a COCO json file."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".json":
-        from edgedeploy.data.coco import load_coco_dataset
-
-        return load_coco_dataset(path)
-    if not path.exists():
-        raise DatasetError(f"dataset not found: {path} (a YOLO/COCO folder, a COCO .json file, or `synthetic`)")
-    from edgedeploy.data.coco import find_coco_split, load_coco_dataset
-
-    coco = find_coco_split(path, split)  # checked first: COCO's images/<split> looks like half a YOLO layout
-    if coco is not None:
-        return load_coco_dataset(*coco, split=split)
-    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
-        return load_yolo_dataset(path, split)
-    if find_yolo_split(path, split) is not None:
-        return load_yolo_dataset(path, split)
-    raise DatasetError(
-        f"{path} is neither a YOLO dataset (images/{split} + labels/{split}) nor a COCO dataset "
-        f"(annotations/instances_{split}.json + images); see docs/DETECTION.md for both layouts"
-    )
-
-
-def open_detection_data(data: str | os.PathLike, split: str, imgsz: int, synthetic: dict | None = None) -> DetectionDataset:
-    """`open_detection_dataset`, or the built-in `synthetic` set when `data` is "synthetic" (`synthetic`: keyword
-    arguments of `synthetic_detection_dataset`, e.g. num_train, num_val, seed)."""
-    if str(data).lower() == "synthetic":
-        from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
-
-        return load_yolo_dataset(synthetic_detection_dataset(**{"imgsz": imgsz, **(synthetic or {})}), split)
-    return open_detection_dataset(data, split)

@@ -24,28 +24,28 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from edgedeploy import options as opt
 from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.io import atomic_path, atomic_write_text, sha256_file
+from edgedeploy.runtime.engine import TensorSpec
 
-ONNX_TO_TRITON = {
-    1: "TYPE_FP32", 10: "TYPE_FP16", 6: "TYPE_INT32", 7: "TYPE_INT64", 2: "TYPE_UINT8", 3: "TYPE_INT8", 9: "TYPE_BOOL",
-}
+ONNX_TO_NUMPY = {1: np.float32, 10: np.float16, 6: np.int32, 7: np.int64, 2: np.uint8, 3: np.int8, 9: np.bool_}
 NAME_TO_TRITON = {
     "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
     "uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "bool": "TYPE_BOOL",
 }
 
 
-@dataclass
-class TensorSpec:
-    name: str
-    data_type: str  # TYPE_FP32 ...
-    dims: list[int]  # full shape, -1 for dynamic axes, batch axis included
+
+
+def triton_type(dtype: np.dtype) -> str:
+    """A tensor's numpy dtype as Triton's config names it (TYPE_FP32 when Triton has no such type here)."""
+    return NAME_TO_TRITON.get(np.dtype(dtype).name, "TYPE_FP32")
 
 
 def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -67,7 +67,7 @@ def _onnx_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     def spec(v) -> TensorSpec:
         t = v.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-        return TensorSpec(v.name, ONNX_TO_TRITON.get(t.elem_type, "TYPE_FP32"), dims)
+        return TensorSpec(v.name, tuple(dims), np.dtype(ONNX_TO_NUMPY.get(t.elem_type, np.float32)))
 
     return [spec(v) for v in model.graph.input if v.name not in inits], [spec(v) for v in model.graph.output]
 
@@ -87,25 +87,26 @@ def describe_io(artifact: Path, meta: ArtifactMeta) -> tuple[list[TensorSpec], l
     if onnx_path is not None:
         return _onnx_io(onnx_path)
     # Engine without its ONNX: the sidecar knows the input fully and the output names; shapes stay dynamic.
-    in_dims = [-1 if isinstance(d, str) else int(d) for d in meta.input_shape]
-    inputs = [TensorSpec(meta.input_name, NAME_TO_TRITON.get(meta.input_dtype, "TYPE_FP32"), in_dims)]
+    in_dims = tuple(-1 if isinstance(d, str) else int(d) for d in meta.input_shape)
+    dtype = np.dtype(meta.input_dtype if meta.input_dtype in NAME_TO_TRITON else np.float32)
+    inputs = [TensorSpec(meta.input_name, in_dims, dtype)]
     if not meta.output_names:
         raise EdgeDeployError(
             f"cannot describe the outputs of {artifact.name}: its sidecar lists none and the ONNX it was built from "
             "is not beside it. Keep the export folder together, or pass --onnx."
         )
-    outputs = [TensorSpec(n, "TYPE_FP32", [-1]) for n in meta.output_names]
+    outputs = [TensorSpec(n, (-1,), np.dtype(np.float32)) for n in meta.output_names]
     return inputs, outputs
 
 
 def _dims(spec: TensorSpec, batched: bool) -> str:
-    dims = spec.dims[1:] if batched else spec.dims
+    dims = list(spec.shape[1:] if batched else spec.shape)
     return "[ " + ", ".join(str(d) for d in dims) + " ]"
 
 
 def _io_block(kind: str, specs: list[TensorSpec], batched: bool) -> str:
     items = [
-        f"  {{\n    name: \"{s.name}\"\n    data_type: {s.data_type}\n    dims: {_dims(s, batched)}\n  }}" for s in specs
+        f"  {{\n    name: \"{s.name}\"\n    data_type: {triton_type(s.dtype)}\n    dims: {_dims(s, batched)}\n  }}" for s in specs
     ]
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
@@ -136,15 +137,15 @@ def model_config(
 
 
 def preprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, max_batch: int) -> str:
-    h, w = (int(model_input.dims[-2]), int(model_input.dims[-1]))
+    h, w = (int(model_input.shape[-2]), int(model_input.shape[-1]))
     conv = meta.convention()  # the sidecar's input convention (channel order, scale, mean/std, letterbox rule)
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-        + _io_block("input", [TensorSpec("frame", "TYPE_UINT8", [-1, -1, -1, 3])], max_batch > 0)
+        + _io_block("input", [TensorSpec("frame", (-1, -1, -1, 3), np.dtype(np.uint8))], max_batch > 0)
         + _io_block(
             "output",
-            [TensorSpec(model_input.name, model_input.data_type, [-1, 3, h, w]),
-             TensorSpec("scale_pad", "TYPE_FP32", [-1, 3]), TensorSpec("frame_hw", "TYPE_INT32", [-1, 2])],
+            [TensorSpec(model_input.name, (-1, 3, h, w), model_input.dtype), TensorSpec("scale_pad", (-1, 3), np.dtype(np.float32)),
+             TensorSpec("frame_hw", (-1, 2), np.dtype(np.int32))],
             max_batch > 0,
         )
         + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
@@ -161,8 +162,8 @@ DETECTION_OUTPUTS = ("num_dets", "det_boxes", "det_scores", "det_classes")
 
 
 def detection_outputs(max_det: int) -> list[TensorSpec]:
-    return [TensorSpec("num_dets", "TYPE_INT32", [-1, 1]), TensorSpec("det_boxes", "TYPE_FP32", [-1, max_det, 4]),
-            TensorSpec("det_scores", "TYPE_FP32", [-1, max_det]), TensorSpec("det_classes", "TYPE_INT32", [-1, max_det])]
+    return [TensorSpec("num_dets", (-1, 1), np.dtype(np.int32)), TensorSpec("det_boxes", (-1, max_det, 4), np.dtype(np.float32)),
+            TensorSpec("det_scores", (-1, max_det), np.dtype(np.float32)), TensorSpec("det_classes", (-1, max_det), np.dtype(np.int32))]
 
 
 def nms_in_engine(meta: ArtifactMeta) -> bool:
@@ -175,11 +176,11 @@ def postprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, m
     max_det = int((meta.postprocess or {}).get("max_det", 100))
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
-        + _io_block("input", model_outputs + [TensorSpec("frame_hw", "TYPE_INT32", [-1, 2])], max_batch > 0)
+        + _io_block("input", model_outputs + [TensorSpec("frame_hw", (-1, 2), np.dtype(np.int32))], max_batch > 0)
         + _io_block("output", detection_outputs(max_det), max_batch > 0)
         + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
         + _parameters({"letterbox": int(meta.letterbox), "letterbox_align": meta.convention().letterbox_align,
-                       "input_hw": f"{model_input.dims[-2]},{model_input.dims[-1]}",
+                       "input_hw": f"{model_input.shape[-2]},{model_input.shape[-1]}",
                        "conf_thres": conf_thres, "iou_thres": iou_thres, "max_det": max_det,
                        "nms_in_engine": int(nms_in_engine(meta))})
     )
@@ -193,7 +194,7 @@ def ensemble_config(name: str, pre: str, model: str, model_input: TensorSpec, ou
     # its outputs num_dets/boxes/..., and an ensemble tensor may be written by one step only
     raw = "raw_" if post else ""
     out_maps = "\n".join(f'        {{ key: "{o.name}" value: "{raw}{o.name}" }}' for o in outputs)
-    final = detection_outputs(max_det) if post else outputs + [TensorSpec("scale_pad", "TYPE_FP32", [-1, 3])]
+    final = detection_outputs(max_det) if post else outputs + [TensorSpec("scale_pad", (-1, 3), np.dtype(np.float32))]
     steps = [
         f'    {{\n      model_name: "{pre}"\n      model_version: -1\n'
         + '      input_map { key: "frame" value: "frame" }\n'
@@ -215,7 +216,7 @@ def ensemble_config(name: str, pre: str, model: str, model_input: TensorSpec, ou
                      + "      output_map [\n" + final_maps + "\n      ]\n    }")
     return (
         f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
-        + _io_block("input", [TensorSpec("frame", "TYPE_UINT8", [-1, -1, -1, 3])], batched)
+        + _io_block("input", [TensorSpec("frame", (-1, -1, -1, 3), np.dtype(np.uint8))], batched)
         + _io_block("output", final, batched)
         + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     )
@@ -280,7 +281,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from edgedeploy.runtime.gpu_preprocess import letterbox_geometry
+from edgedeploy.data.preprocess import letterbox_geometry
 from edgedeploy.runtime.nms import boxes_to_frame
 from edgedeploy.runtime.pipelines import detection_rows
 
@@ -372,7 +373,7 @@ def write_triton_repo(
     inputs, outputs = describe_io(artifact, meta)
     name = name or artifact.name.split(".")[0]
 
-    dynamic_batch = bool(inputs[0].dims) and inputs[0].dims[0] == -1
+    dynamic_batch = bool(inputs[0].shape) and inputs[0].shape[0] == -1
     if dynamic_batch:
         max_batch = min(max_batch, int(meta.batch.get("max", max_batch)) or max_batch)
     else:

@@ -92,7 +92,7 @@ def predictor_for_artifact(
     device: str | None = None,
 ) -> tuple[nn.Module | PredictFn, int]:
     """(predict, batch size) for `evaluate_classifier`: a torch model for .pt checkpoints, else a predict function
-    over `edgedeploy.runtime.engine.load_engine` (ONNX Runtime / TensorRT). Fixed-batch engines get padded batches.
+    over `edgedeploy.runtime.loader.load_engine` (ONNX Runtime / TensorRT). Fixed-batch engines get padded batches.
     """
     if Path(path).suffix.lower() in (".pt", ".pth", ".ckpt"):
         model, _ = load_classifier(path, model_name, num_classes)

@@ -308,7 +308,7 @@ def run_eval_cli(args) -> int:
     """
     from edgedeploy.io import atomic_write_json
     from edgedeploy.models.registry import get_model_info
-    from edgedeploy.data.yolo_format import open_detection_data
+    from edgedeploy.data.sources import open_detection_data
     from edgedeploy.eval.predictors import select_device
 
     artifact = Path(_first_attr(args, ("artifact", "weights", "onnx", "engine")) or "")
@@ -338,7 +338,7 @@ def run_eval_cli(args) -> int:
         model = load_detector(artifact, model_name, num_classes=getattr(args, "num_classes", None) or len(dataset.names))
         predict = torch_detect_fn(model.to(device), device, conf, iou, max_det)
     else:
-        from edgedeploy.runtime.engine import load_engine
+        from edgedeploy.runtime.loader import load_engine
 
         predict = engine_detect_fn(load_engine(artifact), conf, iou, max_det)
     mean = meta.get("mean") or (info.mean if info else (0.0, 0.0, 0.0))

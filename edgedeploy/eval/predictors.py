@@ -18,13 +18,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from edgedeploy.errors import EdgeDeployError
+from edgedeploy.options import EVAL_NMS
 
 PredictFn = Callable[[np.ndarray], Any]
 
 # Thresholds for mAP evaluation: keep nearly everything (low-score detections still raise recall).
-EVAL_CONF = 0.001
-EVAL_IOU = 0.65
-EVAL_MAX_DET = 300
+EVAL_CONF, EVAL_IOU, EVAL_MAX_DET = EVAL_NMS.conf_thres, EVAL_NMS.iou_thres, EVAL_NMS.max_det
 
 
 def select_device(device: str | None = None):
@@ -109,7 +108,7 @@ def engine_predict_fn(engine, output: str | None = None) -> PredictFn:
 def artifact_predict_fn(path: str | os.PathLike, model_name: str | None = None, batch: int = 8) -> tuple[PredictFn, int]:
     """(predict_fn, batch size) over an ONNX file or TensorRT engine opened with `load_engine`. The batch is the
     engine's fixed batch, else `batch` capped at its maximum batch."""
-    from edgedeploy.runtime.engine import load_engine
+    from edgedeploy.runtime.loader import load_engine
 
     engine = load_engine(path, model=model_name)
     fixed = engine.input.shape[0]
@@ -127,7 +126,7 @@ def torch_detect_fn(
     """A PyTorch detector in eval mode; NMS runs on the model's device."""
     import torch
 
-    from edgedeploy.models.detect_common import postprocess
+    from edgedeploy.runtime.nms import batched_detections
 
     device = device or next(model.parameters()).device
 
@@ -137,7 +136,8 @@ def torch_detect_fn(
             xt = torch.from_numpy(x).to(device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=amp and xt.device.type == "cuda"):
                 boxes, scores = model(xt)
-            return postprocess(boxes.float(), scores.float(), conf_thres, iou_thres, max_det)
+            return batched_detections(boxes.float(), scores.float(), conf_thres=conf_thres, iou_thres=iou_thres,
+                                      max_det=max_det)
 
     return predict
 
@@ -156,7 +156,7 @@ def engine_detect_fn(
 
 def onnx_detect_fn(path: str | os.PathLike, **kwargs) -> PredictFn:
     """An ONNX detector through ONNX Runtime (with or without NMS in the graph)."""
-    from edgedeploy.runtime.engine import load_engine
+    from edgedeploy.runtime.loader import load_engine
 
     return engine_detect_fn(load_engine(path, backend="onnxruntime"), **kwargs)
 
@@ -166,7 +166,8 @@ def detections_from_outputs(
 ) -> list[np.ndarray]:
     """Per-image [K, 6] detections from an artifact's named outputs, whichever NMS variant it was exported with:
 
-    * no NMS: `boxes` [B, N, 4] + `scores` [B, N, C]   -> NMS on the host (the same `postprocess` as PyTorch);
+    * no NMS: `boxes` [B, N, 4] + `scores` [B, N, C]   -> NMS on the host (`runtime.nms.batched_detections`, as
+      for PyTorch);
     * NMS in the graph, padded: one [B, K, 6] output, or EfficientNMS-style num_dets [B, 1] + boxes [B, K, 4]
       + scores [B, K] + classes [B, K].
     """
@@ -181,9 +182,10 @@ def detections_from_outputs(
     if score_arr is None or score_arr.ndim != 3:
         score_arr = next((a for a in three_d if box_arr is not None and a is not box_arr and a.shape[:2] == box_arr.shape[:2]), None)
     if box_arr is not None and score_arr is not None and len(arrays) == 2:
-        from edgedeploy.models.detect_common import postprocess
+        from edgedeploy.runtime.nms import batched_detections
 
-        dets = postprocess(torch.from_numpy(box_arr.astype(np.float32)), torch.from_numpy(score_arr.astype(np.float32)), conf_thres, iou_thres, max_det)
+        dets = batched_detections(torch.from_numpy(box_arr.astype(np.float32)), torch.from_numpy(score_arr.astype(np.float32)),
+                                  conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
         return [d.numpy() for d in dets]
     packed = next((a for a in three_d if a.shape[-1] == 6), None)
     if packed is not None and len(arrays) == 1:

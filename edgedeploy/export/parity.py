@@ -7,9 +7,17 @@ max-relative and cosine figures are recorded either way so a report shows how cl
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from edgedeploy.runtime.engine import Engine
+
+Runner = Callable[[np.ndarray], list[np.ndarray]]  # one input batch -> the outputs in the artifact's order
+
+PARITY_THREADS = 2  # ONNX Runtime intra-op threads of every proof (results must not depend on the machine's cores)
 
 
 @dataclass
@@ -241,6 +249,58 @@ def prove(compare: Callable[..., ParityResult], names: Sequence[str],
     else:
         flat = check_spread(result, names, per_output, atol)
     return result, flat
+
+
+def onnx_engine(path: str | Path, threads: int = PARITY_THREADS) -> "Engine":
+    """The ONNX Runtime engine a proof runs an ONNX on: CPU only, `threads` intra-op threads, no spinning,
+    errors only in ORT's log."""
+    from edgedeploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(path, providers=["CPUExecutionProvider"], threads=threads, spin=False, quiet=True)
+
+
+def torch_engine(model: Any, input_name: str = "images", output_names: Sequence[str] | None = None,
+                 probes: Sequence[Any] = ()) -> "Engine":
+    """The PyTorch engine a proof's reference runs on: `model` on the CPU in FP32, any NCHW input size;
+    `probes` (submodules) append their outputs after the model's (name them last in `output_names`)."""
+    from edgedeploy.runtime.backends.torch import TorchEngine
+    from edgedeploy.runtime.engine import DYNAMIC
+
+    return TorchEngine(model, input_shape=(DYNAMIC,) * 4, input_name=input_name, output_names=output_names,
+                       device="cpu", probes=probes)
+
+
+def engine_runner(engine: "Engine") -> Runner:
+    """`engine` as a proof's runner: the batch cast to the engine's input dtype (an FP16 graph takes FP16),
+    the outputs in the engine's order."""
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return [np.asarray(o) for o in engine.infer(x.astype(engine.input.dtype, copy=False)).values()]
+
+    return run
+
+
+def add_probe_outputs(onnx_path: str | Path, probe_weights: list[tuple[str, np.ndarray]], out_path: str | Path) -> list[str]:
+    """Write a copy of the ONNX whose graph also outputs, for each probe, the output of the Conv whose weight
+    initializer equals the probe's weight (a detector's prediction convs: their outputs are the raw network
+    outputs, before the decode). Returns the probes with no such Conv (their weights differ in the ONNX)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgedeploy.io import atomic_write_bytes
+
+    model = onnx.load(str(onnx_path))
+    inits = {i.name: i for i in model.graph.initializer}
+    convs = [(n, numpy_helper.to_array(inits[n.input[1]])) for n in model.graph.node
+             if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in inits]
+    missing = []
+    for name, w in probe_weights:
+        node = next((n for n, cw in convs if cw.shape == w.shape and np.array_equal(cw, w)), None)
+        if node is None:
+            missing.append(name)
+            continue
+        model.graph.output.append(onnx.ValueInfoProto(name=node.output[0]))
+    atomic_write_bytes(out_path, model.SerializeToString())
+    return missing
 
 
 def figure(result: ParityResult) -> str:

@@ -22,7 +22,8 @@ import numpy as np
 from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
 from edgedeploy.errors import BuilderUnavailableError, EdgeDeployError, EngineBuildError, ParityError
 from edgedeploy.export.options import BUILDERS, ExportOptions
-from edgedeploy.export.parity import ParityResult, figure as parity_figure, prove
+from edgedeploy.export.parity import (ParityResult, add_probe_outputs, engine_runner, figure as parity_figure,
+                                     onnx_engine, prove, torch_engine)
 from edgedeploy.export.report import REPORT_NAME, ExportReport, Step, load_report
 from edgedeploy.io import missing_dirs, sha256_file
 from edgedeploy.export.tasks.base import EvalData, TaskAdapter, get_task_adapter
@@ -33,7 +34,7 @@ _CODE_FILES = ("onnx_export.py", "simplify.py", "parity.py", "fp16.py", "int8.py
 
 def code_version() -> str:
     """edgedeploy version + a hash of the export code: a code change invalidates reused artifacts."""
-    from edgedeploy import __version__
+    from edgedeploy.version import __version__
 
     h = hashlib.sha256(__version__.encode())
     here = Path(__file__).parent
@@ -547,9 +548,9 @@ class _Exporter:
         simplified proofs."""
         if inputs is None and hasattr(self, "_parity_ref"):
             return self._parity_ref
-        from edgedeploy.export.runners import TorchRunner
-
-        torch_run = TorchRunner(self.model(), [m for _, m in self.probes()])
+        probes = self.probes()
+        torch_run = engine_runner(torch_engine(self.model(), self.input_names[0],
+                                               self.output_names + [n for n, _ in probes], [m for _, m in probes]))
         pairs = [(x, torch_run(x)) for x in self.parity_batches(inputs)]
         if inputs is None:
             self._parity_ref = pairs
@@ -563,8 +564,6 @@ class _Exporter:
     def prove(self, artifact: Path, inputs: list[np.ndarray] | None = None, runner: Callable | None = None):
         """The parity proof of `artifact` (an ONNX, or any `runner` e.g. an engine, then without probes):
         (ParityResult, outputs too flat to prove anything)."""
-        from edgedeploy.export.runners import OrtRunner, add_probe_outputs
-
         pairs = self.parity_reference(inputs)
         # Raw pre-decode probes make a random-weight detector's proof input-sensitive; with the user's weights the
         # final outputs move with the input by themselves and are what is judged (a random-weight fixture's raw
@@ -577,7 +576,8 @@ class _Exporter:
             pairs = [(x, ref[:k]) for x, ref in pairs]
             return prove(self.adapter.compare, self.output_names, pairs, runner, self.rtol, self.atol)
         if not probes:
-            return prove(self.adapter.compare, self.output_names, pairs, OrtRunner(artifact), self.rtol, self.atol)
+            return prove(self.adapter.compare, self.output_names, pairs, engine_runner(onnx_engine(artifact)),
+                         self.rtol, self.atol)
         with tempfile.TemporaryDirectory(prefix="edgedeploy-probe-") as tmp:
             probed = Path(tmp) / artifact.name
             weights = [(n, m.weight.detach().cpu().numpy()) for n, m in probes]
@@ -586,8 +586,8 @@ class _Exporter:
             k = len(self.output_names)
             keep = list(range(k)) + [k + i for i, n in enumerate(names) if n not in missing]
             pairs = [(x, [ref[i] for i in keep]) for x, ref in pairs]
-            return prove(self.adapter.compare, self.output_names, pairs, OrtRunner(probed), self.rtol, self.atol,
-                         found, missing)
+            return prove(self.adapter.compare, self.output_names, pairs, engine_runner(onnx_engine(probed)),
+                         self.rtol, self.atol, found, missing)
 
     def _runs_in_ort(self) -> bool:
         return bool(getattr(self.adapter, "runs_in_onnxruntime", lambda _o: True)(self.o))
@@ -653,12 +653,10 @@ class _Exporter:
 
     def _accuracy(self, fp32_path: Path, low_path: Path) -> dict[str, Any]:
         """The task metric for FP32 and the low-precision ONNX on the held-out set, and their agreement."""
-        from edgedeploy.export.runners import OrtRunner
-
         data = self.eval_data()
-        low = OrtRunner(low_path)
+        low = engine_runner(onnx_engine(low_path))
         if not hasattr(self, "_fp32_outputs"):  # FP32 outputs on the eval set, shared by the FP16 and INT8 steps
-            self._fp32_runner = OrtRunner(fp32_path)
+            self._fp32_runner = engine_runner(onnx_engine(fp32_path))
             self._fp32_outputs: dict[int, list[np.ndarray]] = {}
 
         def ref(x: np.ndarray) -> list[np.ndarray]:

@@ -103,16 +103,10 @@ def _engine_runner(path: Path) -> Callable[[np.ndarray], list[np.ndarray]]:
             "this machine). Verify it where it runs, or verify the ONNX it was built from "
             "(`deploy verify MODEL.onnx`)."
         )
-    from edgedeploy.runtime.engine import load_engine  # only where TensorRT runs (the runtime room is above)
+    from edgedeploy.export.parity import engine_runner
+    from edgedeploy.runtime.loader import load_engine
 
-    engine = load_engine(path)
-    names = [o.name for o in engine.outputs]
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        out = engine.infer(x)
-        return [np.asarray(out[n]) for n in names]
-
-    return run
+    return engine_runner(load_engine(path))
 
 
 def _check_weights(weights: str, model: str) -> None:
@@ -197,9 +191,9 @@ def verify(artifact: str, weights: str | None = None, data: str | None = None, i
     try:
         if meta.precision in MIN_AGREEMENT:
             if runner is None:
-                from edgedeploy.export.runners import OrtRunner
+                from edgedeploy.export.parity import engine_runner, onnx_engine
 
-                runner = OrtRunner(path)
+                runner = engine_runner(onnx_engine(path))
             k = len(exporter.output_names)
             pairs = [(x, ref[:k]) for x, ref in exporter.parity_reference(inputs)]
             result = _prove_low_precision(exporter, pairs, runner, meta.precision)

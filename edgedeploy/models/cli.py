@@ -54,7 +54,7 @@ def code_version(info) -> str:
     import torch
     import torchvision
 
-    from edgedeploy import __version__
+    from edgedeploy.version import __version__
 
     builder = getattr(info.builder, "func", info.builder)
     h = hashlib.sha256(f"{__version__}|{torch.__version__}|{torchvision.__version__}".encode())

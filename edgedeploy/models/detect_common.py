@@ -7,8 +7,8 @@ One output contract for every detector (what export, NMS, evaluation and the run
   ``boxes`` [B, N, 4] float, xyxy in input pixels; ``scores`` [B, N, C] float in [0, 1]
   (objectness x class probability, sigmoid applied). N = sum over levels of H_l * W_l * anchors.
 * ``model.strides``: tuple of level strides (8, 16, 32); ``model.num_classes``.
-* ``postprocess(boxes, scores, ...)`` turns that into per-image detections ``[K, 6]``
-  (x1, y1, x2, y2, score, class) with ``torchvision.ops.batched_nms``.
+* ``edgedeploy.runtime.nms.batched_detections(boxes, scores, ...)`` turns that into per-image detections
+  ``[K, 6]`` (x1, y1, x2, y2, score, class) with ``torchvision.ops.batched_nms``.
 
 Blocks follow the Ultralytics YOLOv5 v6.x and Megvii YOLOX layouts so parameter counts match the published tables.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torchvision
 
 # Both projects train with these BN settings (YOLOv5 Conv; YOLOX init_yolo()).
 BN_EPS = 1e-3
@@ -172,37 +171,3 @@ def decode_yolox(raw: torch.Tensor, stride: float) -> tuple[torch.Tensor, torch.
     boxes = torch.cat((xy - wh / 2, xy + wh / 2), -1)
     scores = p[..., 4:5].sigmoid() * p[..., 5:].sigmoid()
     return boxes, scores
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# NMS
-
-
-def postprocess(
-    boxes: torch.Tensor,
-    scores: torch.Tensor,
-    conf_thres: float = 0.25,
-    iou_thres: float = 0.45,
-    max_det: int = 300,
-    agnostic: bool = False,
-) -> list[torch.Tensor]:
-    """Per-image detections [K, 6] = (x1, y1, x2, y2, score, class), sorted by score, K <= max_det.
-
-    Each box keeps its best class (score = max over classes); boxes with score > conf_thres go through
-    `torchvision.ops.batched_nms` (per class; one class for all when `agnostic`). The exported `--nms onnx`
-    graph implements exactly this, which is what its parity test checks.
-    """
-    if boxes.ndim != 3 or scores.ndim != 3 or boxes.shape[:2] != scores.shape[:2] or boxes.shape[-1] != 4:
-        from edgedeploy.errors import InputError
-
-        raise InputError(f"postprocess expects boxes [B,N,4] and scores [B,N,C]; got {tuple(boxes.shape)} and "
-                         f"{tuple(scores.shape)}. Call it on the model's eval-mode output.")
-    out = []
-    for bx, sc in zip(boxes, scores):
-        best, cls = sc.max(-1)
-        keep = best > conf_thres
-        bx, best, cls = bx[keep].float(), best[keep].float(), cls[keep]
-        idx = torchvision.ops.batched_nms(bx, best, torch.zeros_like(cls) if agnostic else cls, iou_thres)[:max_det]
-        out.append(torch.cat((bx[idx], best[idx, None], cls[idx, None].float()), 1))
-    return out
-

@@ -7,15 +7,30 @@ input size and the published figures it must reproduce (checked by tests and sho
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
 
+from edgedeploy.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from edgedeploy.errors import UnknownModelError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# Each model file registers its variants on import. Listed explicitly so a reader sees the whole zoo here;
+# imported on the first lookup so that light-weight users (the CLI's argument parser) do not pay for them.
+MODEL_MODULES = (
+    "mobilenetv1",
+    "mobilenetv2",
+    "mobilenetv3",
+    "shufflenetv1",
+    "shufflenetv2",
+    "efficientnet",
+    "mobilevit",
+    "lraspp",
+    "yolov5",
+    "yolox",
+)
+_loaded = False
 
 
 @dataclass(frozen=True)
@@ -65,10 +80,14 @@ def register_model(
     return wrap
 
 
-def _ensure_loaded() -> None:
-    from edgedeploy.models import load_all  # importing the model files registers every variant
+def load_all() -> None:
+    """Import every model file (each registers its variants)."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for m in MODEL_MODULES:
+            importlib.import_module(f"edgedeploy.models.{m}")
 
-    load_all()
 
 
 def _canonical(name: str) -> str:
@@ -78,7 +97,7 @@ def _canonical(name: str) -> str:
 
 def get_model_info(name: str) -> ModelInfo:
     """Look a model up by name or alias; an unknown name raises with the nearest matches."""
-    _ensure_loaded()
+    load_all()
     key = _canonical(name)
     if key in _REGISTRY:
         return _REGISTRY[key]
@@ -89,12 +108,12 @@ def get_model_info(name: str) -> ModelInfo:
 
 
 def list_models(task: str | None = None) -> list[str]:
-    _ensure_loaded()
+    load_all()
     return sorted(n for n, i in _REGISTRY.items() if task is None or i.task == task)
 
 
 def list_aliases() -> dict[str, str]:
-    _ensure_loaded()
+    load_all()
     return dict(_ALIASES)
 
 

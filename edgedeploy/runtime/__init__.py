@@ -13,7 +13,7 @@ _EXPORTS = {
     "Engine": "engine",
     "TensorSpec": "engine",
     "Timing": "engine",
-    "load_engine": "engine",
+    "load_engine": "loader",
     "Classification": "pipelines",
     "Classifier": "pipelines",
     "Detections": "pipelines",

@@ -1,4 +1,4 @@
-"""The `Engine` interface every backend implements, and `load_engine` which picks the backend from the path.
+"""The `Engine` interface every backend implements (`runtime.loader.load_engine` picks the backend for a path).
 
 An engine takes named NCHW arrays and returns named arrays. It validates its inputs against the artifact's
 IO specs (rank, static dims, channel count, dtype) so a wrong input is a clear `InputError` rather than a
@@ -8,10 +8,8 @@ crash or, worse, a silently wrong result.
 from __future__ import annotations
 
 import abc
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -59,12 +57,15 @@ class Capabilities:
         that same stream, so preprocessing -> inference -> post-processing are ordered without a host wait.
     graph_capture: the engine can replay its inference as a CUDA graph (same input shape).
     fp16_io: the input tensor is FP16 (the preprocessing kernel writes FP16).
+    torch_io: `infer_torch` takes a torch tensor and returns torch tensors on the engine's device (the
+        detector's NMS then runs there and only the final detections come to the host).
     """
 
     device_buffers: bool = False
     stream: bool = False
     graph_capture: bool = False
     fp16_io: bool = False
+    torch_io: bool = False
 
 
 class Engine(abc.ABC):
@@ -115,6 +116,16 @@ class Engine(abc.ABC):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(fp16_io=bool(self.inputs) and self.inputs[0].dtype == np.float16)
+
+    @property
+    def source_model(self) -> Any:
+        """The PyTorch module this engine runs (its `model_info` describes the input), None for a compiled
+        artifact (its sidecar does)."""
+        return None
+
+    def infer_torch(self, x: Any) -> dict[str, Any]:
+        """Tensor in, tensors out on the engine's device (engines whose capabilities say torch_io)."""
+        raise EdgeDeployError(f"the {self.backend} backend takes no torch tensors; use infer()")
 
     # ---- device I/O protocol (engines whose capabilities say device_buffers) -------------------------------------
     def device_input(self, shape: tuple[int, ...]) -> int:
@@ -180,70 +191,3 @@ def check_input(x: np.ndarray, spec: TensorSpec, max_batch: int | None = None) -
     if max_batch is not None and x.shape[0] > max_batch:
         raise InputError(f"batch of {x.shape[0]} exceeds this engine's maximum batch {max_batch}; split the batch")
     return np.ascontiguousarray(x)
-
-
-def engine_kind(path: str | os.PathLike) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix in (".engine", ".plan", ".trt"):
-        return "tensorrt"
-    if suffix == ".onnx":
-        return "onnxruntime"
-    if suffix in (".pt", ".pth", ".ckpt"):
-        return "torch"
-    raise EdgeDeployError(
-        f"cannot tell the backend from {Path(path).name!r}: expected .engine/.plan (TensorRT), .onnx (ONNX Runtime) "
-        "or .pt/.pth (PyTorch checkpoint, with --model NAME)"
-    )
-
-
-def load_engine(
-    path: str | os.PathLike,
-    *,
-    backend: str | None = None,
-    device: str | None = None,
-    model: str | None = None,
-    providers: Sequence[str] | None = None,
-    cuda_graph: bool = False,
-    num_classes: int | None = None,
-    imgsz: int | None = None,
-) -> Engine:
-    """Open an artifact with the backend its extension implies (or `backend`).
-
-    `.engine` -> TensorRT (sidecar checked first), `.onnx` -> ONNX Runtime, `.pt` -> PyTorch (registry model
-    `model`, or the sidecar's `model` field; `num_classes`/`imgsz` when no sidecar gives them).
-    """
-    from edgedeploy.options import IMGSZ, NUM_CLASSES
-
-    num_classes, imgsz = NUM_CLASSES.check_optional(num_classes, "num_classes"), IMGSZ.check_optional(imgsz, "imgsz")
-    path = Path(path)
-    if not path.exists():
-        raise EdgeDeployError(f"{path} does not exist")
-    kind = backend or engine_kind(path)
-    if kind == "tensorrt":
-        from edgedeploy.runtime.backends.tensorrt import TensorRTEngine
-
-        return TensorRTEngine(path, cuda_graph=cuda_graph)
-    if kind == "onnxruntime-cuda" or (kind == "onnxruntime" and device and device.startswith("cuda") and not providers):
-        from edgedeploy.runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaEngine
-
-        return OnnxRuntimeCudaEngine(path, device_index=device_index(device))
-    if kind == "onnxruntime":
-        from edgedeploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine(path, device=device, providers=providers)
-    if kind == "torch":
-        from edgedeploy.runtime.backends.torch import TorchEngine
-
-        return TorchEngine.from_checkpoint(path, model=model, device=device, num_classes=num_classes, imgsz=imgsz,
-                                           cuda_graph=cuda_graph)
-    raise EdgeDeployError(f"unknown backend {kind!r}: choose tensorrt, onnxruntime, onnxruntime-cuda or torch")
-
-
-def device_index(device: str | None) -> int:
-    """'cuda' -> 0, 'cuda:1' -> 1; anything else 0."""
-    if device and device.startswith("cuda:"):
-        try:
-            return int(device.split(":", 1)[1])
-        except ValueError as e:
-            raise EdgeDeployError(f"device {device!r}: expected cuda or cuda:N") from e
-    return 0

@@ -14,25 +14,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgedeploy.data.preprocess import LETTERBOX_PAD
+from edgedeploy.data.preprocess import LETTERBOX_PAD, letterbox_geometry
 from edgedeploy.errors import InputError
 from edgedeploy.runtime import cuda
 from edgedeploy.runtime.kernels import PREPROCESS_SOURCE
-
-
-def letterbox_geometry(src_h: int, src_w: int, dst_h: int, dst_w: int, letterbox: bool, align: str = "center"):
-    """(scale, (pad_x, pad_y), (new_h, new_w)) exactly as the CPU reference computes them. `align="topleft"`
-    pads right/bottom only (YOLOX's convention), so the padding offset is (0, 0).
-
-    Without letterbox the frame is stretched to the input size; the "scale" is then per axis and returned as
-    (sx, sy) so boxes can still be mapped back.
-    """
-    if not letterbox:
-        return (dst_w / src_w, dst_h / src_h), (0, 0), (dst_h, dst_w)
-    scale = min(dst_h / src_h, dst_w / src_w)
-    new_h, new_w = int(round(src_h * scale)), int(round(src_w * scale))
-    pad = (0, 0) if align == "topleft" else ((dst_w - new_w) // 2, (dst_h - new_h) // 2)
-    return scale, pad, (new_h, new_w)
 
 
 @functools.lru_cache(maxsize=8)

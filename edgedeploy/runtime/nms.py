@@ -3,8 +3,8 @@
 Runs on whatever device the candidate tensors are on. With the PyTorch backend on CUDA, or a TensorRT engine
 whose output buffers are viewed as CUDA tensors (zero-copy through `__cuda_array_interface__`), the filtering
 and `torchvision.ops.batched_nms` run on the GPU and only the final detections come back to the host.
-The whole batch goes through one `batched_nms` call (boxes offset per image and class), so batch > 1 costs
-one kernel sequence, not one per image.
+Each image goes through its own `batched_nms` call (exactly the per-image reference the mAP is scored with;
+one batched call would shift boxes by image offsets, which moves IoUs in float32).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def as_torch(x: Any, device: str | None = None):
 
 def boxes_to_frame(boxes: Any, scale: Any, pad: tuple[float, float], h: int, w: int) -> np.ndarray:
     """xyxy boxes in input-tensor pixels -> original frame pixels, clipped to the frame: undo the letterbox
-    (`scale` a float) or the stretch (`scale` = (sx, sy)) that `letterbox_geometry` describes."""
+    (`scale` a float) or the stretch (`scale` = (sx, sy)) that `data.preprocess.letterbox_geometry` describes."""
     boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
     sx, sy = (scale, scale) if np.isscalar(scale) else scale
     boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - pad[0]) / sx).clip(0, w)
@@ -44,26 +44,27 @@ def batched_detections(
     max_det: int = 100,
     agnostic: bool = False,
 ) -> list[Any]:
-    """boxes [B,N,4] xyxy, scores [B,N,C] -> per image a tensor [K,6] (x1, y1, x2, y2, score, class),
-    sorted by score, on the input's device."""
+    """boxes [B,N,4] xyxy, scores [B,N,C] -> per image a tensor [K,6] (x1, y1, x2, y2, score, class), sorted by
+    score, K <= max_det, on the input's device. The one host/device NMS: it serves the runtime and scores mAP.
+
+    Each box keeps its best class (score = max over classes, the YOLOX/YOLOv5 inference convention); boxes with
+    score > conf_thres go through `torchvision.ops.batched_nms` per image (per class; one class for all when
+    `agnostic`). The exported `--nms onnx` graph implements the same, which its parity test checks.
+    """
     import torch
     from torchvision.ops import batched_nms
 
+    from edgedeploy.errors import InputError
+
     boxes, scores = as_torch(boxes), as_torch(scores)
     if boxes.ndim != 3 or boxes.shape[-1] != 4 or scores.ndim != 3 or scores.shape[:2] != boxes.shape[:2]:
-        raise ValueError(f"expected boxes [B,N,4] and scores [B,N,C], got {tuple(boxes.shape)} and {tuple(scores.shape)}")
-    b, _, c = scores.shape
-    best, cls = scores.float().max(dim=2)  # one class per candidate (YOLOX/YOLOv5 inference convention)
+        raise InputError(f"expected boxes [B,N,4] and scores [B,N,C], got {tuple(boxes.shape)} and "
+                         f"{tuple(scores.shape)}: pass a detector's eval-mode (decoded) outputs")
+    best, cls = scores.float().max(dim=2)
     keep = best > conf_thres
-    img_idx, cand_idx = keep.nonzero(as_tuple=True)
-    cand_boxes = boxes[img_idx, cand_idx].float()
-    cand_scores = best[img_idx, cand_idx]
-    cand_cls = cls[img_idx, cand_idx]
-    groups = img_idx if agnostic else img_idx * c + cand_cls
-    kept = batched_nms(cand_boxes, cand_scores, groups, iou_thres)  # sorted by decreasing score
-    out_rows = torch.cat([cand_boxes[kept], cand_scores[kept, None], cand_cls[kept, None].float()], dim=1)
-    out_img = img_idx[kept]
     results = []
-    for i in range(b):
-        results.append(out_rows[out_img == i][:max_det])
+    for bx, sc, cl, k in zip(boxes, best, cls, keep):
+        bx, sc, cl = bx[k].float(), sc[k], cl[k]
+        idx = batched_nms(bx, sc, torch.zeros_like(cl) if agnostic else cl, iou_thres)[:max_det]
+        results.append(torch.cat([bx[idx], sc[idx, None], cl[idx, None].float()], dim=1))
     return results

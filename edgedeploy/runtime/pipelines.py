@@ -22,10 +22,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgedeploy.data.preprocess import letterbox_geometry
 from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError, InputError
-from edgedeploy.runtime.engine import DYNAMIC, Engine, load_engine
-from edgedeploy.runtime.gpu_preprocess import letterbox_geometry
+from edgedeploy.runtime.engine import DYNAMIC, Engine
+from edgedeploy.runtime.loader import load_engine
 
 
 # ---- results ----------------------------------------------------------------------------------------------------
@@ -133,8 +134,8 @@ class _Pipeline:
             meta = meta or read_sidecar(source, required=not str(source).endswith((".pt", ".pth")))
             self.engine = load_engine(source, backend=backend, device=device, model=model, cuda_graph=cuda_graph,
                                       num_classes=num_classes, imgsz=imgsz)
-            if meta is None and self.engine.backend == "torch":
-                meta = _meta_from_model(self.engine.model, imgsz)  # type: ignore[attr-defined]
+            if meta is None and self.engine.source_model is not None:
+                meta = _meta_from_model(self.engine.source_model, imgsz)
         if meta is None:
             raise EdgeDeployError("no sidecar for this engine: pass meta=ArtifactMeta(...) describing its input")
         if self.task and meta.task and meta.task != self.task:
@@ -226,10 +227,10 @@ class _Pipeline:
         x, geoms = self.preprocess(frames)
         parts: list[dict[str, Any]] = []
         for sl in self._chunks(len(frames)):
-            if hasattr(self.engine, "infer_torch"):  # PyTorch: outputs stay on the model's device for the NMS
+            if self.engine.capabilities.torch_io:  # outputs stay on the model's device for the NMS
                 import torch
 
-                parts.append(self.engine.infer_torch(torch.from_numpy(x[sl])))  # type: ignore[attr-defined]
+                parts.append(self.engine.infer_torch(torch.from_numpy(x[sl])))
             else:
                 parts.append(self.engine.infer(x[sl]))
         return _concat(parts), geoms

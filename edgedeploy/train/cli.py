@@ -1,26 +1,25 @@
 """`deploy train`: one command for every task, dispatched by the model's registry task.
 
-classify -> edgedeploy.train.classify.train_classifier
-detect   -> edgedeploy.train.detect.train_detector(args)
-segment  -> edgedeploy.train.segment.train_segmenter(args)
+All flags are defined here; `build_config` turns them into the task's typed config (`ClassifyConfig`,
+`DetectConfig`, `SegmentConfig` in edgedeploy.train.config), which is all the training code sees:
 
-The shared flags live here. A task module may define `add_task_arguments(parser)` to add its own flags (only
-new ones; prefix their help with the task); it is imported while the parser is built, so it should import
-torch lazily.
+classify -> edgedeploy.train.classify.train_classifier(config)
+detect   -> edgedeploy.train.detect.train_detector(config)
+segment  -> edgedeploy.train.segment.train_segmentation(config)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 from pathlib import Path
 
 from edgedeploy import options as opt
 
 TASK_TRAINERS = {
+    "classify": ("edgedeploy.train.classify", "train_classifier"),
     "detect": ("edgedeploy.train.detect", "train_detector"),
-    "segment": ("edgedeploy.train.segment", "train_segmenter"),
+    "segment": ("edgedeploy.train.segment", "train_segmentation"),
 }
 
 
@@ -31,33 +30,79 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="dataset folder (classify: ImageFolder DATA/train/<class>/*.jpg, DATA/val/...) or `synthetic` "
         "(default: built-in generated set with a preset that trains in minutes on a CPU)",
     )
-    parser.add_argument("--epochs", type=opt.EPOCHS.arg, default=None, help="default: task/preset dependent")
+    parser.add_argument("--epochs", type=opt.EPOCHS.arg, default=None, help="default: 30, or the synthetic preset's")
     parser.add_argument("--batch", "--batch-size", dest="batch", type=opt.BATCH.arg, default=None, help="batch size")
     parser.add_argument("--imgsz", type=opt.IMGSZ.arg, default=None, help="square training size in pixels")
     parser.add_argument("--lr", type=opt.LR.arg, default=None, help="peak learning rate after warm-up")
     parser.add_argument("--opt", dest="opt", choices=("sgd", "adamw"), default=None, help="optimizer")
     parser.add_argument("--weight-decay", type=opt.WEIGHT_DECAY.arg, default=None)
-    parser.add_argument(
-        "--label-smoothing", type=opt.LABEL_SMOOTHING.arg, default=None, help="classify: cross-entropy smoothing (0.1; 0 for synthetic)"
-    )
     parser.add_argument("--no-ema", action="store_true", help="no exponential moving average of the weights")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision (AMP is used on CUDA only)")
     parser.add_argument("--workers", type=opt.WORKERS.arg, default=None, help="data-loader processes")
     parser.add_argument("--out", default=None, help="run folder (default: runs/train/<model>, <model>2, ...)")
     parser.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="LAST_PT",
-        help="continue an interrupted run: `--resume RUN/last.pt`, or `--out RUN --resume`",
+        help="continue an interrupted run: `--resume RUN/last.pt`, or `--out RUN --resume` (with --epochs N: "
+        "extend a finished run to N epochs)",
     )
+    parser.add_argument("--weights", default=None, help="detect/segment: initial weights to fine-tune from")
     parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, default=None, help="must match the dataset; synthetic: shapes")
     parser.add_argument("--seed", type=opt.SEED.arg, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--eval-interval", type=int, default=1, help="validate every N epochs (and after the last)")
+    parser.add_argument("--time-limit", type=float, default=None, help="stop after the epoch in which this many minutes run out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    for task, (module, _) in TASK_TRAINERS.items():
-        if importlib.util.find_spec(module) is None:
-            continue
-        add = getattr(importlib.import_module(module), "add_task_arguments", None)
-        if add is not None:
-            add(parser.add_argument_group(f"{task} options"))
+    c = parser.add_argument_group("classify options")
+    c.add_argument(
+        "--label-smoothing", type=opt.LABEL_SMOOTHING.arg, default=None, help="classify: cross-entropy smoothing (0.1; 0 for synthetic)"
+    )
+    d = parser.add_argument_group("detect options")
+    d.add_argument("--mosaic", type=float, default=None, help="detect: probability of 4-image mosaic (1.0)")
+    d.add_argument("--close-mosaic", type=int, default=None, help="detect: last N epochs without mosaic (default ~15%%)")
+    d.add_argument("--no-hsv", action="store_true", help="detect: no HSV colour jitter")
+    d.add_argument("--flip", type=float, default=None, help="detect: horizontal flip probability (0.5)")
+    d.add_argument("--precise-bn", type=int, default=None, help="detect: batches to re-estimate BatchNorm stats before eval (8; 0: off)")
+    d.add_argument("--synthetic-train", type=int, default=None, help="detect: images in the synthetic train split (512)")
+    d.add_argument("--synthetic-val", type=int, default=None, help="detect: images in the synthetic val split (128)")
+    s = parser.add_argument_group("segment options")
+    s.add_argument("--ignore-index", type=int, default=None, help="segment: mask value left out of loss and metrics (255)")
+    s.add_argument("--lr-schedule", choices=("poly", "cosine"), default=None, help="segment: learning-rate decay (poly)")
+    s.add_argument("--scale-range", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="segment: random rescale of the shorter side relative to --imgsz before cropping "
+                   "(default 0.5 2.0; synthetic preset 0.75 1.25)")
+
+
+def build_config(args: argparse.Namespace, task: str):
+    """The task's typed config from the parsed flags (flags left unset take the config's defaults or the
+    synthetic preset)."""
+    common = dict(
+        model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch, imgsz=args.imgsz, lr=args.lr,
+        optimizer=args.opt, weight_decay=args.weight_decay, ema=not args.no_ema, amp=not args.no_amp,
+        workers=args.workers, out_dir=args.out, resume=args.resume, num_classes=args.num_classes, seed=args.seed,
+        device=args.device, eval_interval=args.eval_interval, time_limit=args.time_limit, progress=not args.quiet,
+    )
+    if task == "classify":
+        from edgedeploy.train import classify
+        from edgedeploy.train.config import ClassifyConfig, build_config as build
+
+        return build(ClassifyConfig, classify.SYNTHETIC_PRESET, **common, label_smoothing=args.label_smoothing)
+    if task == "detect":
+        from edgedeploy.train import detect
+        from edgedeploy.train.config import DetectConfig, build_config as build
+
+        return build(DetectConfig, detect.SYNTHETIC_PRESET, **common, weights=args.weights, mosaic=args.mosaic,
+                     close_mosaic=args.close_mosaic, hsv=not args.no_hsv, flip=args.flip, precise_bn=args.precise_bn,
+                     synthetic_train=args.synthetic_train, synthetic_val=args.synthetic_val)
+    if task == "segment":
+        from edgedeploy.train import segment
+        from edgedeploy.train.config import SegmentConfig, build_config as build
+
+        return build(SegmentConfig, segment.SYNTHETIC_PRESET, **common, weights=args.weights,
+                     ignore_index=args.ignore_index, lr_schedule=args.lr_schedule,
+                     scale_range=tuple(args.scale_range) if args.scale_range else None)
+    from edgedeploy.errors import EdgeDeployError
+
+    raise EdgeDeployError(f"{args.model}: no trainer for task {task!r}")
 
 
 def _model_from_checkpoint(path: str | Path) -> str | None:
@@ -112,49 +157,20 @@ def _remove_new_empty_dirs(before: list[tuple[Path, set[str], list[Path]]]) -> N
 def _dispatch(args: argparse.Namespace, info) -> int:
     from edgedeploy.errors import EdgeDeployError
 
+    if info.task not in TASK_TRAINERS:
+        raise EdgeDeployError(f"{info.name}: no trainer for task {info.task!r}")
+    cfg = build_config(args, info.task)
+    module, fn = TASK_TRAINERS[info.task]
+    result = getattr(importlib.import_module(module), fn)(cfg)
     if info.task == "classify":
-        return _train_classify(args)
-    if info.task in TASK_TRAINERS:
-        module, fn = TASK_TRAINERS[info.task]
-        try:
-            trainer = getattr(importlib.import_module(module), fn)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            raise EdgeDeployError(f"training {info.task} models is not available in this build") from e
-        result = trainer(args)
-        return result if isinstance(result, int) else 0
-    raise EdgeDeployError(f"{info.name}: no trainer for task {info.task!r}")
-
-
-def _train_classify(args: argparse.Namespace) -> int:
-    from edgedeploy.train.classify import train_classifier
-
-    result = train_classifier(
-        args.model,
-        data=args.data,
-        epochs=args.epochs,
-        batch_size=args.batch,
-        imgsz=args.imgsz,
-        lr=args.lr,
-        optimizer=args.opt,
-        label_smoothing=args.label_smoothing,
-        ema=not args.no_ema,
-        amp=not args.no_amp,
-        workers=args.workers,
-        out_dir=args.out,
-        resume=args.resume,
-        num_classes=args.num_classes,
-        seed=args.seed,
-        device=args.device,
-        weight_decay=args.weight_decay,
-        progress=not args.quiet,
-    )
-    print(
-        f"done in {result.wall_s:.0f}s: val top-1 {100 * result.top1:.2f}% (best {100 * result.best_top1:.2f}%), "
-        f"top-5 {100 * result.top5:.2f}%\n"
-        f"  weights  {result.best}  (EMA; `deploy eval --weights {result.best}`, `deploy export --weights {result.best}`)\n"
-        f"  resume   deploy train --resume {result.last}\n"
-        f"  metrics  {result.run_dir / 'metrics.csv'}, curves {result.run_dir / 'results.png'}"
-    )
+        print(
+            f"done in {result.wall_s:.0f}s: val top-1 {100 * result.top1:.2f}% (best {100 * result.best_top1:.2f}%), "
+            f"top-5 {100 * result.top5:.2f}%\n"
+            f"  weights  {result.best}  (EMA; `deploy eval --weights {result.best}`, `deploy export --weights {result.best}`)\n"
+            f"  resume   deploy train --resume {result.last}\n"
+            f"  metrics  {result.run_dir / 'metrics.csv'}, curves {result.run_dir / 'results.png'}"
+        )
+    elif info.task == "segment":
+        print(f"best val mIoU {100 * result.best_miou:.2f} -> {result.best}  (last: {result.last}, "
+              f"curves: {result.run_dir / 'results.png'})")
     return 0

@@ -1,35 +1,10 @@
-"""Task-agnostic training pieces shared by the classification, detection and segmentation trainers.
-
-Typical loop (see `edgedeploy.train.classify` for the full version)::
-
-    seed_everything(args.seed)
-    device = select_device(args.device)              # edgedeploy.eval.predictors: cuda if available, else cpu
-    out = run_dir("runs/train", "mobilenetv3_small")  # runs/train/<name>, <name>2, ...
-    model = create_model(name, num_classes=n).to(device)
-    ema = ModelEMA(model)                             # evaluate and export ema.ema
-    optimizer = build_optimizer(model, "sgd", lr=0.05, weight_decay=5e-5)
-    scheduler = WarmupCosine(optimizer, epochs=E, iters_per_epoch=len(loader), warmup_epochs=1)
-    scaler = make_grad_scaler(device, amp=True)       # a no-op on CPU
-    logger = MetricsLogger(out)
-    start = 0
-    if resume:
-        start, best, meta = load_for_resume(out / "last.pt", model, ema, optimizer, scheduler, scaler)
-        logger.truncate(start)
-    for epoch in range(start, E):
-        for x, y in loader:
-            with autocast(device, amp=True):
-                loss = criterion(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update()
-            scheduler.step()                          # per iteration, not per epoch
-            ema.update(model)
-        logger.log({"epoch": epoch, "train/loss": ..., "val/top1": ...}); logger.plot(out / "results.png")
-        save_checkpoint(out / "last.pt", model, ema, optimizer, scheduler, epoch, best, meta, scaler=scaler)
+"""Task-agnostic training pieces: seeding, run folders, AMP, EMA, optimizer, LR schedules, checkpoints,
+metrics. `edgedeploy.train.loop.fit` puts them together into the one training loop every task uses.
 
 Checkpoint format (read back by `edgedeploy.models.checkpoint.load_weights`, EMA weights preferred)::
 
     {"model": state_dict, "ema": state_dict | None, "ema_updates": int, "optimizer": ..., "scheduler": ...,
-     "scaler": ..., "epoch": last completed epoch (0-based), "best_metric": float,
+     "scaler": ..., "epoch": last completed epoch (0-based index), "best_metric": float,
      "meta": {"model_name", "num_classes", "class_names", "imgsz", "task", ...}}
 """
 
@@ -222,6 +197,30 @@ class WarmupCosine(LRScheduler):
     def get_lr(self) -> list[float]:
         f = self.factor(self.last_epoch)
         return [base * f for base in self.base_lrs]
+
+
+class WarmupPoly(LRScheduler):
+    """Per-iteration `lr * (1 - t/T) ** power` after a linear warm-up (DeepLab's "poly" policy)."""
+
+    def __init__(self, optimizer, epochs: int, iters_per_epoch: int, warmup_epochs: float = 1.0,
+                 power: float = 0.9, warmup_start_factor: float = 0.1, last_epoch: int = -1):
+        self.total_iters = max(1, int(epochs * iters_per_epoch))
+        self.warmup_iters = min(int(round(warmup_epochs * iters_per_epoch)), self.total_iters - 1)
+        self.power = power
+        self.warmup_start_factor = warmup_start_factor
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, it: int) -> float:
+        if it < self.warmup_iters:
+            return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * it / self.warmup_iters
+        return max(0.0, 1.0 - it / self.total_iters) ** self.power
+
+    def get_lr(self) -> list[float]:
+        f = self.factor(self.last_epoch)
+        return [base * f for base in self.base_lrs]
+
+
+SCHEDULES = {"cosine": WarmupCosine, "poly": WarmupPoly}
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

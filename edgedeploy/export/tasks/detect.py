@@ -1,7 +1,7 @@
 """Detection export: decode inside the graph, and NMS three ways (`task_options["nms"]`).
 
 * ``none``: outputs ``boxes`` [B, N, 4] (xyxy, input pixels) and ``scores`` [B, N, C] (obj x cls); the runtime
-  runs `detect_common.postprocess` on the host.
+  runs `runtime.nms.batched_detections` on the host.
 * ``onnx`` (default): the standard ONNX ``NonMaxSuppression`` op (TensorRT maps it to its built-in INMSLayer, no
   plugin), then gather + pad inside the graph to fixed-size outputs ``num_dets`` [B, 1] int32, ``boxes``
   [B, K, 4], ``scores`` [B, K], ``classes`` [B, K] int32 (K = max_det; padding: zeros, class -1), sorted by score.
@@ -9,7 +9,7 @@
   engine built from it needs TensorRT's plugin library at deserialisation (`trt.init_libnvinfer_plugins`);
   NVIDIA deprecated the plugin in 10.12. Prefer ``onnx``.
 
-Semantics match `detect_common.postprocess` exactly: each box keeps its best class; boxes with score >
+Semantics match `runtime.nms.batched_detections` exactly: each box keeps its best class; boxes with score >
 conf_thres go through per-class NMS (one class when `agnostic`), the best `max_det` per image are kept. Per-class
 NMS is done with a one-hot score tensor [B, C, N] (only the best class non-zero), so IoUs are computed on the real
 coordinates, with no class-offset trick. In eager PyTorch the NMS op runs `torchvision.ops.batched_nms`, so the
@@ -469,7 +469,8 @@ class DetectAdapter(TaskAdapter):
         unlabelled images (agreement with FP32 only). `n` None: the whole split; else n evenly spaced images."""
         from pathlib import Path
 
-        from edgedeploy.data.yolo_format import load_yolo_dataset, open_detection_dataset
+        from edgedeploy.data.sources import open_detection_dataset
+        from edgedeploy.data.yolo_format import load_yolo_dataset
         from edgedeploy.errors import DatasetError
 
         split = _yolo_split(source)
@@ -531,12 +532,13 @@ class DetectAdapter(TaskAdapter):
             return self._to_dets(outs)
         import torch
 
-        from edgedeploy.models.detect_common import postprocess
+        from edgedeploy.runtime.nms import batched_detections
 
         o = getattr(self, "_post", DEFAULTS)
-        return [d.double().numpy() for d in postprocess(torch.from_numpy(np.asarray(outs[0], np.float32)),
-                                                         torch.from_numpy(np.asarray(outs[1], np.float32)),
-                                                         o["conf_thres"], o["iou_thres"], o["max_det"], o["agnostic"])]
+        dets = batched_detections(torch.from_numpy(np.asarray(outs[0], np.float32)),
+                                  torch.from_numpy(np.asarray(outs[1], np.float32)), conf_thres=o["conf_thres"],
+                                  iou_thres=o["iou_thres"], max_det=o["max_det"], agnostic=o["agnostic"])
+        return [d.double().numpy() for d in dets]
 
     def sidecar_postprocess(self, options: ExportOptions) -> dict[str, Any]:
         o = detect_options(options)

@@ -58,7 +58,12 @@ class OnnxRuntimeEngine(Engine):
         device: str | None = None,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
+        spin: bool = True,
+        quiet: bool = False,
     ) -> None:
+        """`threads`: intra-op threads (and one inter-op thread); None: ORT's default. `spin=False` stops idle
+        threads busy-waiting (they waste a shared CPU; benchmarks keep ORT's default). `quiet`: errors only in
+        ORT's log."""
         super().__init__()
         import onnxruntime as ort
 
@@ -67,6 +72,11 @@ class OnnxRuntimeEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if quiet:
+            opts.log_severity_level = 3
         chosen = list(providers) if providers else choose_providers(device, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=chosen)

@@ -1,7 +1,8 @@
 """PyTorch eager backend (CUDA when present). Also the reference the other backends are compared with.
 
 Besides the numpy `infer`, `infer_torch` keeps tensors on the model's device so the detector's NMS can run
-on the GPU and only the final detections come back to the host.
+on the GPU and only the final detections come back to the host. `probes` (submodules) add their outputs after
+the model's, captured with forward hooks: the parity proof compares a detector's raw pre-decode outputs so.
 
 On CUDA the engine also speaks the device I/O protocol of the GPU pipeline (`Capabilities.device_buffers`): the
 input is a torch tensor per input shape whose address the NVRTC preprocessing kernel writes, the model runs on
@@ -23,7 +24,6 @@ from edgedeploy.errors import EdgeDeployError
 from edgedeploy.runtime.engine import DYNAMIC, Capabilities, Engine, TensorSpec, Timing
 
 
-
 def default_output_names(task: str) -> list[str]:
     return {"detect": ["boxes", "scores"], "classify": ["logits"], "segment": ["logits"]}.get(task, ["output0"])
 
@@ -42,9 +42,12 @@ class TorchEngine(Engine):
         half: bool = False,
         cuda_graph: bool = False,
         device_io: bool | None = None,
+        probes: Sequence[Any] = (),
     ) -> None:
         """`device_io`: None = the device I/O protocol on CUDA only; True also on the CPU, where the "device"
-        buffers are host tensors (how the emulated-GPU tests drive the GPU pipeline without a GPU)."""
+        buffers are host tensors (how the emulated-GPU tests drive the GPU pipeline without a GPU).
+        `probes`: submodules of `model` whose (first) outputs `infer`/`infer_torch` append, in order, to the
+        model's; name them in `output_names` after the model's outputs."""
         super().__init__()
         import torch
 
@@ -68,6 +71,7 @@ class TorchEngine(Engine):
         self._stream: Any = None
         self.dtype = torch.float16 if half else torch.float32
         self.model = model.eval().to(self.torch_device, self.dtype)
+        self.probes = list(probes)
         task = getattr(getattr(model, "model_info", None), "task", "")
         self._output_names = list(output_names or default_output_names(task))
         self.inputs = [TensorSpec(input_name, tuple(input_shape), np.dtype(np.float16 if half else np.float32))]
@@ -106,17 +110,25 @@ class TorchEngine(Engine):
         """Tensor in (any device), tensors out on the model's device: no host copies of the outputs."""
         import torch
 
-        with torch.inference_mode():
-            out = self.model(x.to(self.torch_device, self.dtype, non_blocking=True))
-        return self._named(out)
+        captured: dict[int, Any] = {}
+        handles = [m.register_forward_hook(lambda _m, _i, o, k=k: captured.setdefault(k, o))
+                   for k, m in enumerate(self.probes)]
+        try:
+            with torch.inference_mode():
+                out = self.model(x.to(self.torch_device, self.dtype, non_blocking=True))
+        finally:
+            for h in handles:
+                h.remove()
+        return self._named(out, [captured[k] for k in range(len(self.probes))])
 
-    def _named(self, out: Any) -> dict[str, Any]:
+    def _named(self, out: Any, extra: Sequence[Any] = ()) -> dict[str, Any]:
         import torch
 
         if isinstance(out, torch.Tensor):
             out = (out,)
         elif isinstance(out, dict):
             out = tuple(out.values())
+        out = tuple(out) + tuple(extra)
         if len(out) != len(self._output_names):
             self._output_names = self._output_names[: len(out)] + [
                 f"output{i}" for i in range(len(self._output_names), len(out))
@@ -127,7 +139,11 @@ class TorchEngine(Engine):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(device_buffers=self._device_io, stream=self._device_io, graph_capture=self.use_cuda_graph,
-                            fp16_io=self.dtype != self._torch().float32)
+                            fp16_io=self.dtype != self._torch().float32, torch_io=True)
+
+    @property
+    def source_model(self) -> Any:
+        return self.model
 
     @staticmethod
     def _torch():
