@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("edgedeploy.models.cli", "list every model variant with parameters and MACs"),
     "profile": ("edgedeploy.benchmarks.profile_cli", "parameters, MACs, per-layer table, peak activation memory"),
     "train": ("edgedeploy.train.cli", "train a model on an ImageFolder/YOLO/VOC dataset or `synthetic`"),
-    "eval": ("edgedeploy.train.eval_cli", "evaluate a checkpoint, ONNX file or engine with the same code"),
+    "eval": ("edgedeploy.eval.cli", "evaluate a checkpoint, ONNX file or engine with the same code"),
     "export": ("edgedeploy.export.cli", "PyTorch -> ONNX (parity-proved) -> FP16/INT8 -> TensorRT engines"),
     "verify": ("edgedeploy.export.verify", "re-prove an exported ONNX (or engine) against its PyTorch model"),
     "bench": ("edgedeploy.benchmarks.bench_cli", "trtexec-style latency/throughput report; --compare backends"),

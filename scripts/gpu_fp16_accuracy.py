@@ -11,9 +11,10 @@ import torch
 
 
 def main(ckpt: str, out: str) -> int:
+    from edgedeploy.data.imagefolder import classification_datasets
+    from edgedeploy.eval.classify import evaluate_classifier, load_classifier
     from edgedeploy.models.checkpoint import read_checkpoint
     from edgedeploy.models.registry import get_model_info
-    from edgedeploy.train.classify import classification_datasets, evaluate_classifier, load_classifier
 
     meta = dict(read_checkpoint(ckpt).get("meta") or {})
     info = get_model_info(meta["model_name"])

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edgedeploy.benchmarks.profiler import count_macs, count_params
 from edgedeploy.io import atomic_write_text
 from edgedeploy.models import create_model, get_model_info, list_models
+from edgedeploy.models.complexity import count_macs, count_params
 
 FAMILIES = ("mobilenetv2", "mobilenetv3", "shufflenetv2", "efficientnet", "efficientnetv2")
 

@@ -7,15 +7,10 @@ import math
 import pytest
 import torch
 
-from edgedeploy.benchmarks.profiler import count_macs, count_params
 from edgedeploy.errors import EdgeDeployError, InputError
 from edgedeploy.models import create_model, get_model_info, list_models
-from edgedeploy.models.detect_common import (
-    count_macs_thop_convention,
-    count_params_bn_folded,
-    decode_yolov5,
-    decode_yolox,
-)
+from edgedeploy.models.complexity import count_macs, count_macs_thop_convention, count_params, count_params_bn_folded
+from edgedeploy.models.detect_common import decode_yolov5, decode_yolox
 from edgedeploy.models.yolov5 import DEFAULT_ANCHORS, YOLOv5
 from edgedeploy.runtime.nms import batched_detections
 from edgedeploy.models.yolox import YOLOX

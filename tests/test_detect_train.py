@@ -14,15 +14,8 @@ from edgedeploy.data.detect_augment import letterbox_sample
 from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
 from edgedeploy.data.yolo_format import DetectionRecord, load_yolo_dataset
 from edgedeploy.errors import CheckpointError
-from edgedeploy.train.detect_eval import (
-    COCO_STAT_NAMES,
-    coco_summary_text,
-    detections_from_outputs,
-    detections_to_coco,
-    evaluate_detector,
-    onnx_predict_fn,
-    torch_predict_fn,
-)
+from edgedeploy.eval.detect import COCO_STAT_NAMES, coco_summary_text, detections_to_coco, evaluate_detector
+from edgedeploy.eval.predictors import detections_from_outputs, onnx_detect_fn, torch_detect_fn
 
 IMGSZ = 128
 
@@ -130,7 +123,7 @@ def test_outputs_of_every_nms_variant_are_read():
 
 def test_fixed_batch_fp16_engine_gets_padded_cast_batches_in_order():
     from edgedeploy.runtime.engine import TensorSpec
-    from edgedeploy.train.detect_eval import engine_predict_fn
+    from edgedeploy.eval.predictors import engine_detect_fn
 
     class FixedBatchEngine:  # stands in for a TensorRT engine built for batch 2 with an FP16 input
         input = TensorSpec("images", (2, 3, 4, 4), np.dtype(np.float16))
@@ -145,7 +138,7 @@ def test_fixed_batch_fp16_engine_gets_padded_cast_batches_in_order():
 
     engine = FixedBatchEngine()
     x = np.arange(5, dtype=np.float32)[:, None, None, None] * 10 * np.ones((5, 3, 4, 4), np.float32)
-    dets = engine_predict_fn(engine)(x)
+    dets = engine_detect_fn(engine)(x)
     assert len(dets) == 5 and len(engine.calls) == 3  # 2 + 2 + (1 padded to 2)
     assert [float(d[0, 0]) for d in dets] == [0.0, 10.0, 20.0, 30.0, 40.0]  # every image its own result
 
@@ -169,14 +162,14 @@ def test_onnx_file_and_pytorch_model_score_the_same(val_set, tmp_path):
         dynamic_axes={"images": {0: "batch"}, "boxes": {0: "batch"}, "scores": {0: "batch"}}, opset_version=17, dynamo=False,
     )
     x = np.random.default_rng(0).random((2, 3, IMGSZ, IMGSZ), dtype=np.float32)
-    ref = torch_predict_fn(model, conf_thres=0.2)(x)
-    got = onnx_predict_fn(path, conf_thres=0.2)(x)
+    ref = torch_detect_fn(model, conf_thres=0.2)(x)
+    got = onnx_detect_fn(path, conf_thres=0.2)(x)
     assert sum(len(d) for d in ref) > 10  # real detections to compare, not two empty lists
     for r, g in zip(ref, got):
         assert r.shape == g.shape
         np.testing.assert_allclose(g, r.numpy(), atol=2e-3)
-    a = evaluate_detector(torch_predict_fn(model), val_set, IMGSZ, batch_size=4, verbose=False)
-    b = evaluate_detector(onnx_predict_fn(path), val_set, IMGSZ, batch_size=4, verbose=False)
+    a = evaluate_detector(torch_detect_fn(model), val_set, IMGSZ, batch_size=4, verbose=False)
+    b = evaluate_detector(onnx_detect_fn(path), val_set, IMGSZ, batch_size=4, verbose=False)
     assert a.num_detections == b.num_detections > 0
     assert b.map == pytest.approx(a.map, abs=1e-3) and b.map50 == pytest.approx(a.map50, abs=1e-3)
 
@@ -247,7 +240,7 @@ def test_resume_continues_the_run(smoke_run):
 def test_checkpoint_of_the_other_yolo_family_is_refused(tmp_path):
     from edgedeploy.models.registry import create_model
     from edgedeploy.train.common import save_checkpoint
-    from edgedeploy.train.detect import load_detector
+    from edgedeploy.eval.detect import load_detector
 
     v5 = create_model("yolov5n", num_classes=3)
     path = tmp_path / "v5.pt"
@@ -259,7 +252,7 @@ def test_checkpoint_of_the_other_yolo_family_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_eval_cli_on_the_trained_checkpoint(smoke_run, synthetic_root, tmp_path, capsys):
-    from edgedeploy.train.detect_eval import run_eval_cli
+    from edgedeploy.eval.detect import run_eval_cli
 
     _, summary = smoke_run
     args = argparse.Namespace(artifact=summary["best"], data=str(synthetic_root), split="val", out=str(tmp_path), batch=4)

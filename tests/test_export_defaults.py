@@ -14,7 +14,8 @@ from edgedeploy.cli import main
 from edgedeploy.data.imagefolder import load_imagefolder
 from edgedeploy.data.synthetic_classify import make_synthetic_classification
 from edgedeploy.export.calibration import read_image_dir
-from edgedeploy.train.classify import evaluate_classifier, load_classifier, train_classifier
+from edgedeploy.eval.classify import evaluate_classifier, load_classifier
+from edgedeploy.train.classify import train_classifier
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

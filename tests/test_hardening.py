@@ -308,7 +308,7 @@ def test_cleanup_removes_only_the_empty_folders_a_run_created(tmp_path):
 
 def test_eval_on_a_detector_takes_the_detection_flags(tmp_path, monkeypatch):
     """`deploy eval` parses --conf-thres/--iou-thres/--max-det/--out and hands them to the detection evaluator."""
-    import edgedeploy.train.detect_eval as detect_eval
+    import edgedeploy.eval.detect as detect_eval
     from edgedeploy.cli import main
     from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
 

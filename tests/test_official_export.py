@@ -121,9 +121,9 @@ def test_verify_rebuilds_with_the_recorded_model_options(tmp_path, capsys):
 
 
 def test_load_classifier_builds_the_official_architecture():
-    """`deploy eval`'s loader (train.classify.load_classifier) on an official file without --model: the variant
+    """`deploy eval`'s loader (eval.classify.load_classifier) on an official file without --model: the variant
     and ReLU6 come from the file (built with ReLU, as before, the logits are > 1e-2 off)."""
-    from edgedeploy.train.classify import load_classifier
+    from edgedeploy.eval.classify import load_classifier
 
     model, meta = load_classifier(str(FIX / "timm_mobilenetv1_025.pth"))
     assert meta["model_name"] == "mobilenetv1_025" and meta["model_kwargs"] == {"act": "relu6"}

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from edgedeploy.benchmarks.profiler import count_macs, count_params, profile_model, profile_onnx
+from edgedeploy.benchmarks.profiler import profile_model, profile_onnx
 from edgedeploy.cli import main
 from edgedeploy.errors import InputError
+from edgedeploy.models.complexity import count_macs, count_params
 
 
 class Mixer(nn.Module):

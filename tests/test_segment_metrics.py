@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgedeploy.train.segment_eval import (
+from edgedeploy.eval.segment import (
     SegmentationMeter,
     confusion_matrix,
     evaluate_segmenter,

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from edgedeploy.benchmarks.profiler import count_macs, count_params
 from edgedeploy.models import create_model, get_model_info
+from edgedeploy.models.complexity import count_macs, count_params
 from edgedeploy.models.lraspp import GlobalMeanPool
 
 

@@ -45,7 +45,7 @@ def test_tiny_training_run_writes_loadable_checkpoints(data_home, monkeypatch):
         segment.train_segmentation(resume=str(out / "last.pt"), progress=False)
 
     # `deploy eval` on the best checkpoint reproduces the validation mIoU recorded during training
-    from edgedeploy.train.segment_eval import run_eval_cli
+    from edgedeploy.eval.segment import run_eval_cli
 
     scores_json = data_home / "scores.json"
     ns = argparse.Namespace(weights=str(out / "best.pt"), artifact=None, model=None, data="synthetic", split="val",

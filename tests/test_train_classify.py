@@ -12,10 +12,11 @@ from edgedeploy import cli
 from edgedeploy.data.imagefolder import load_imagefolder
 from edgedeploy.data.synthetic_classify import make_synthetic_classification
 from edgedeploy.errors import CheckpointError, DatasetError, EdgeDeployError
+from edgedeploy.eval.classify import evaluate_classifier, load_classifier
 from edgedeploy.models.checkpoint import read_checkpoint
 from edgedeploy.models.registry import create_model
 from edgedeploy.train import loop
-from edgedeploy.train.classify import evaluate_classifier, load_classifier, train_classifier
+from edgedeploy.train.classify import train_classifier
 from edgedeploy.train.common import (
     MetricsLogger,
     ModelEMA,

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from edgedeploy.benchmarks.profiler import count_macs, count_params
 from edgedeploy.errors import InputError
 from edgedeploy.models import create_model, get_model_info, list_models
+from edgedeploy.models.complexity import count_macs, count_params
 
 FAMILIES = ("mobilenetv1", "shufflenetv1", "mobilevit")
 VARIANTS = [n for n in list_models() if get_model_info(n).family in FAMILIES]

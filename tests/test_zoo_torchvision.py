@@ -15,9 +15,9 @@ import torch.nn as nn
 import torchvision
 from torchvision.ops import StochasticDepth
 
-from edgedeploy.benchmarks.profiler import count_macs, count_params
 from edgedeploy.errors import CheckpointError
 from edgedeploy.models import create_model, get_model_info, list_models
+from edgedeploy.models.complexity import count_macs, count_params
 
 FAMILIES = ("mobilenetv2", "mobilenetv3", "shufflenetv2", "efficientnet", "efficientnetv2")
 VARIANTS = [n for n in list_models("classify") if get_model_info(n).family in FAMILIES]

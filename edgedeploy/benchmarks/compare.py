@@ -49,7 +49,7 @@ def _profile(model: str, imgsz: int | None, num_classes: int | None, cache: dict
     key = (model, imgsz, num_classes)
     if key not in cache:
         try:
-            from edgedeploy.benchmarks.profiler import count_macs, count_params
+            from edgedeploy.models.complexity import count_macs, count_params
             from edgedeploy.models.registry import create_model, get_model_info
 
             net = create_model(model, num_classes=num_classes)

@@ -1,10 +1,7 @@
-"""Parameter, MAC and activation-memory profiling from the model's actual graph.
+"""Per-layer parameter, MAC and activation-memory profiling from the model's actual graph.
 
-MACs are counted at the aten level with `torch.utils.flop_counter.FlopCounterMode` (convolutions, matmuls,
-linear layers, attention), which sees every op the model really runs -- no per-model formulas -- so a
-user-defined model is profiled the same way. FLOPs reported by that counter are 2 x MACs. Element-wise ops,
-normalisation and pooling are not counted (counters such as fvcore add them, so published "FLOPs" made with
-fvcore read a little higher for norm-heavy models).
+MACs are counted as `edgedeploy.models.complexity` counts them (`torch.utils.flop_counter.FlopCounterMode`:
+convolutions, matmuls, linear layers, attention), here broken down per module.
 
 `profile_onnx` counts the same quantities from an ONNX graph (Conv, ConvTranspose, Gemm, MatMul), so an exported
 file can be checked against its PyTorch source.
@@ -20,12 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-
-@dataclass
-class ProfileSummary:
-    params: int
-    macs: int
-    imgsz: tuple[int, int]
+from edgedeploy.models.complexity import count_params, image_hw
 
 
 @dataclass
@@ -81,36 +73,6 @@ class Profile:
                     f"{r.name:<{width}}  {r.type[:22]:<22} {shape[:20]:<20} {r.params:>10,} {r.macs:>13,} {share:>5.1f}%"  # noqa: E501
                 )
         return "\n".join(lines)
-
-
-def _hw(imgsz: int | tuple[int, int]) -> tuple[int, int]:
-    return (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[1]))
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: int = 3) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    h, w = _hw(imgsz)
-    was_training = model.training
-    model.eval()
-    try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        x = torch.zeros(1, in_chans, h, w, device=device)
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2
-
-
-def profile_summary(model: nn.Module, imgsz: int | tuple[int, int] = 224) -> ProfileSummary:
-    size = _hw(imgsz)
-    return ProfileSummary(params=count_params(model), macs=count_macs(model, size), imgsz=size)
 
 
 class _LiveActivationTracker(TorchDispatchMode):
@@ -176,7 +138,7 @@ def profile_model(
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    h, w = _hw(imgsz)
+    h, w = image_hw(imgsz)
     names = {m: n for n, m in model.named_modules()}
     shapes: dict[str, list[int] | None] = {}
 
@@ -362,7 +324,7 @@ def profile_onnx(path: str | Path, top: int | None = None, imgsz: int | tuple[in
     try:
         model = onnx.load(str(path))
         initializer_sizes = {init.name: _numel(list(init.dims)) for init in model.graph.initializer}
-        _pin_input_dims(model, set(initializer_sizes), None if imgsz is None else _hw(imgsz))
+        _pin_input_dims(model, set(initializer_sizes), None if imgsz is None else image_hw(imgsz))
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:  # onnx raises several unrelated exception types for a bad file
         raise InputError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e

@@ -231,3 +231,32 @@ def load_imagefolder(
     train = ImageFolderDataset(root, "train", imgsz, mean, std, augment=augment, classes=classes)
     val = ImageFolderDataset(root, "val", imgsz, mean, std, augment=False, classes=classes)
     return train, val
+
+
+def classification_datasets(
+    data: str | os.PathLike,
+    imgsz: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int | None = None,
+    seed: int = 0,
+    augment: bool | str = True,
+    progress: bool = True,
+):
+    """(train, val, class_names, data_root) for an ImageFolder folder or "synthetic" (the shapes set at its default
+    size, 500 train + 100 val images per class, generated or reused)."""
+    if str(data).lower() == "synthetic":
+        from edgedeploy.data.synthetic_classify import make_synthetic_classification
+
+        sizes = {"num_classes": num_classes} if num_classes else {}
+        root = make_synthetic_classification(imgsz=imgsz, seed=seed, progress=progress, **sizes)
+    else:
+        root = Path(data)
+    train, val = load_imagefolder(root, imgsz, mean, std, augment=augment)
+    if num_classes is not None and num_classes != len(train.classes):
+        raise DatasetError(
+            f"--num-classes {num_classes} but {root} has {len(train.classes)} classes "
+            f"({', '.join(train.classes[:10])}{' ...' if len(train.classes) > 10 else ''}); drop --num-classes "
+            "or fix the dataset"
+        )
+    return train, val, train.classes, root

@@ -160,5 +160,16 @@ def open_detection_dataset(path: str | os.PathLike, split: str = "train"):
     )
 
 
-__all__ = ["Recorded", "SYNTHETIC", "describe_layout", "missing_data_error", "open_detection_dataset", "record_data", "recorded_data",
+def open_detection_data(data: str | os.PathLike, split: str, imgsz: int, synthetic: dict[str, Any] | None = None):
+    """`open_detection_dataset`, or the built-in `synthetic` set when `data` is "synthetic" (`synthetic`: keyword
+    arguments of `synthetic_detection_dataset`, e.g. num_train, num_val, seed)."""
+    if str(data).lower() == "synthetic":
+        from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
+        from edgedeploy.data.yolo_format import load_yolo_dataset
+
+        return load_yolo_dataset(synthetic_detection_dataset(**{"imgsz": imgsz, **(synthetic or {})}), split)
+    return open_detection_dataset(data, split)
+
+
+__all__ = ["Recorded", "SYNTHETIC", "describe_layout", "missing_data_error", "open_detection_data", "open_detection_dataset", "record_data", "recorded_data",
            "split_images", "trained_on_synthetic"]

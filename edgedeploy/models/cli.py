@@ -70,8 +70,8 @@ def count_model(name: str, imgsz: int | None = None) -> dict[str, int]:
     """Params and MACs of a registered model at `imgsz` (default: its published size)."""
     import torch
 
-    from edgedeploy.benchmarks.profiler import count_macs, count_params
     from edgedeploy.models import create_model, get_model_info
+    from edgedeploy.models.complexity import count_macs, count_params
 
     info = get_model_info(name)
     size = imgsz or info.imgsz

@@ -15,7 +15,6 @@ Blocks follow the Ultralytics YOLOv5 v6.x and Megvii YOLOX layouts so parameter 
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -172,39 +171,3 @@ def decode_yolox(raw: torch.Tensor, stride: float) -> tuple[torch.Tensor, torch.
     boxes = torch.cat((xy - wh / 2, xy + wh / 2), -1)
     scores = p[..., 4:5].sigmoid() * p[..., 5:].sigmoid()
     return boxes, scores
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Counting helpers shared by the registrations and tests.
-
-
-def count_params_bn_folded(model: nn.Module) -> int:
-    """Parameters after folding every BatchNorm into the conv before it (what YOLOv5's `model.fuse()` reports):
-    each BN's weight+bias (2C) becomes a conv bias (C)."""
-    total = sum(p.numel() for p in model.parameters())
-    return total - sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-
-
-def count_macs_thop_convention(model: nn.Module, imgsz: int | tuple[int, int]) -> int:
-    """Conv/matmul MACs (our profiler) plus two ops per BatchNorm output element (scale + shift), which is how
-    `thop.profile` counted the unfused YOLOX models in its README (BN is ~3% of YOLOX-Nano's ops, <0.5% of the
-    others)."""
-    from edgedeploy.benchmarks.profiler import count_macs
-
-    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
-    bn_elements = [0]
-
-    def hook(_m, _i, out):
-        bn_elements[0] += out.numel()
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        macs = count_macs(model, (h, w))
-    finally:
-        for hnd in handles:
-            hnd.remove()
-    return macs + 2 * bn_elements[0]
-
-
-def make_divisible(x: float, divisor: int = 8) -> int:
-    return int(math.ceil(x / divisor) * divisor)

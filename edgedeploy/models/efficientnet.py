@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import Conv2dNormActivation, SqueezeExcitation, StochasticDepth
 
-from edgedeploy.models.mobilenetv2 import make_divisible
+from edgedeploy.models.channels import make_divisible
 from edgedeploy.models.registry import register_model
 
 
@@ -46,8 +46,8 @@ def mbconv(expand_ratio, kernel, stride, in_chs, out_chs, num_layers, width_mult
         expand_ratio,
         kernel,
         stride,
-        make_divisible(in_chs * width_mult, 8),
-        make_divisible(out_chs * width_mult, 8),
+        make_divisible(in_chs * width_mult, 8, rounding="nearest"),
+        make_divisible(out_chs * width_mult, 8, rounding="nearest"),
         int(math.ceil(num_layers * depth_mult)),
     )
 
@@ -62,7 +62,7 @@ class MBConv(nn.Module):
     def __init__(self, cfg: StageConfig, stochastic_depth_prob: float, norm_layer: Callable[..., nn.Module]) -> None:
         super().__init__()
         self.use_res_connect = cfg.stride == 1 and cfg.in_chs == cfg.out_chs
-        hidden = make_divisible(cfg.in_chs * cfg.expand_ratio, 8)
+        hidden = make_divisible(cfg.in_chs * cfg.expand_ratio, 8, rounding="nearest")
         layers: list[nn.Module] = []
         if hidden != cfg.in_chs:
             layers.append(Conv2dNormActivation(cfg.in_chs, hidden, 1, norm_layer=norm_layer, activation_layer=nn.SiLU))
@@ -90,7 +90,7 @@ class FusedMBConv(nn.Module):
     def __init__(self, cfg: StageConfig, stochastic_depth_prob: float, norm_layer: Callable[..., nn.Module]) -> None:
         super().__init__()
         self.use_res_connect = cfg.stride == 1 and cfg.in_chs == cfg.out_chs
-        hidden = make_divisible(cfg.in_chs * cfg.expand_ratio, 8)
+        hidden = make_divisible(cfg.in_chs * cfg.expand_ratio, 8, rounding="nearest")
         conv = partial(Conv2dNormActivation, norm_layer=norm_layer)
         if hidden != cfg.in_chs:
             layers = [

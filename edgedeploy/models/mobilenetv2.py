@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import Conv2dNormActivation
 
+from edgedeploy.models.channels import make_divisible
 from edgedeploy.models.registry import register_model
 
 # t (expansion), c (output channels), n (repeats), s (stride of the first repeat) -- Table 2 of the paper.
@@ -23,15 +24,6 @@ _INVERTED_RESIDUAL_SETTING = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-
-
-def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """Round a scaled channel count to a multiple of `divisor` without dropping more than 10% (TF/torchvision rule)."""
-    min_value = divisor if min_value is None else min_value
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if rounded < 0.9 * value:
-        rounded += divisor
-    return rounded
 
 
 class InvertedResidual(nn.Module):
@@ -59,12 +51,12 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2) -> None:
         super().__init__()
-        in_chs = make_divisible(32 * width_mult)
+        in_chs = make_divisible(32 * width_mult, rounding="nearest")
         # The head keeps 1280 channels for narrow models (only widened above 1.0), as in the paper.
-        self.last_channel = make_divisible(1280 * max(1.0, width_mult))
+        self.last_channel = make_divisible(1280 * max(1.0, width_mult), rounding="nearest")
         layers: list[nn.Module] = [Conv2dNormActivation(3, in_chs, stride=2, activation_layer=nn.ReLU6)]
         for t, c, n, s in _INVERTED_RESIDUAL_SETTING:
-            out_chs = make_divisible(c * width_mult)
+            out_chs = make_divisible(c * width_mult, rounding="nearest")
             for i in range(n):
                 layers.append(InvertedResidual(in_chs, out_chs, s if i == 0 else 1, t))
                 in_chs = out_chs

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
 
-from edgedeploy.models.mobilenetv2 import make_divisible
+from edgedeploy.models.channels import make_divisible
 from edgedeploy.models.registry import register_model
 
 
@@ -58,7 +58,7 @@ class InvertedResidual(nn.Module):
             )
         )
         if cfg.use_se:
-            squeeze = make_divisible(cfg.expanded_chs // 4, 8)
+            squeeze = make_divisible(cfg.expanded_chs // 4, 8, rounding="nearest")
             layers.append(SqueezeExcitation(cfg.expanded_chs, squeeze, scale_activation=nn.Hardsigmoid))
         layers.append(
             Conv2dNormActivation(cfg.expanded_chs, cfg.out_chs, 1, norm_layer=norm_layer, activation_layer=None)
@@ -74,7 +74,7 @@ class InvertedResidual(nn.Module):
 
 def mobilenetv3_config(arch: str, width_mult: float = 1.0, dilated: bool = False) -> tuple[list[BlockConfig], int]:
     """Block list and penultimate (classifier hidden) width for "large" or "small"."""
-    ch = partial(make_divisible, divisor=8)
+    ch = partial(make_divisible, divisor=8, rounding="nearest")
 
     def row(in_chs, kernel, exp, out, se, act, stride, dilation=1) -> BlockConfig:
         scale = lambda c: ch(c * width_mult)  # noqa: E731

@@ -13,7 +13,7 @@ Interface (shared by every detector, see `detect_common`):
   them divided by stride; ours are not); ``model.num_classes``.
 
 Published figures (README table, COCO 80 classes, 640): the parameter counts there come from the fused model
-(BatchNorm folded into convs), so tests compare `detect_common.count_params_bn_folded`; "GFLOPs" there are
+(BatchNorm folded into convs), so tests compare `complexity.count_params_bn_folded`; "GFLOPs" there are
 2 x MACs as counted by thop, so `published_macs` = GFLOPs / 2.
 """
 
@@ -24,7 +24,8 @@ import math
 import torch
 import torch.nn as nn
 
-from edgedeploy.models.detect_common import SPPF, ConvBNAct, CSPBlock, decode_yolov5, make_divisible
+from edgedeploy.models.channels import make_divisible
+from edgedeploy.models.detect_common import SPPF, ConvBNAct, CSPBlock, decode_yolov5
 from edgedeploy.models.registry import register_model
 
 # Ultralytics' default anchors (w, h in pixels) for P3/8, P4/16, P5/32.
@@ -76,7 +77,7 @@ class YOLOv5(nn.Module):
             raise EdgeDeployError(f"num_classes must be >= 1, got {num_classes}")
 
         def ch(c: int) -> int:
-            return make_divisible(c * width, 8)
+            return make_divisible(c * width, 8, rounding="ceil")
 
         def n(k: int) -> int:
             return max(round(k * depth), 1)

@@ -15,7 +15,7 @@ Interface (shared by every detector, see `detect_common`):
 Published figures (YOLOX README, COCO 80 classes): params and GFLOPs come from `thop.profile` on the unfused
 model (`yolox/utils/model_utils.get_model_info`: GFLOPs = 2 x thop MACs), so params are compared as counted
 (BatchNorm included) and `published_macs` = GFLOPs / 2. thop also counts two ops per BatchNorm output element:
-`detect_common.count_macs_thop_convention` reproduces that (conv-only MACs are 3.2% under the table for Nano).
+`complexity.count_macs_thop_convention` reproduces that (conv-only MACs are 3.2% under the table for Nano).
 """
 
 from __future__ import annotations

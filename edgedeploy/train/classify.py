@@ -1,4 +1,4 @@
-"""Image-classification training and evaluation.
+"""Image-classification training.
 
 `train_classifier` trains any registered classify model on an ImageFolder tree or on the built-in synthetic
 shapes (`data="synthetic"`): SGD/AdamW with warm-up + cosine per iteration, label smoothing, EMA weights
@@ -6,8 +6,8 @@ shapes (`data="synthetic"`): SGD/AdamW with warm-up + cosine per iteration, labe
 `best.pt`, exact `resume`, metrics.csv/json and results.png in the run folder. `ClassifySpec` is what
 classification plugs into the shared loop, `edgedeploy.train.loop.fit`.
 
-`evaluate_classifier(predict_fn, dataset)` scores a torch model or any callable taking a normalised float32
-NCHW numpy batch and returning logits, so ONNX Runtime sessions and TensorRT engines are scored by this code.
+Each epoch is scored by `edgedeploy.eval.classify.evaluate_classifier`, the code `deploy eval` scores
+exported artifacts with.
 """
 
 from __future__ import annotations
@@ -15,27 +15,25 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
+from edgedeploy.data.imagefolder import classification_datasets
 from edgedeploy.data.sources import describe_layout, record_data
-from edgedeploy.errors import CheckpointError, DatasetError, EdgeDeployError
-from edgedeploy.train.common import select_device
+from edgedeploy.errors import EdgeDeployError
+from edgedeploy.eval.classify import evaluate_classifier
 from edgedeploy.train.config import ClassifyConfig, build_config
 from edgedeploy.train.loop import TaskSpec, fit
 
-# Overrides of `--data synthetic` (ClassifyConfig holds the user-data defaults; the *_per_class keys size the
-# generated set): mobilenetv3_small reaches >= 90% val top-1 within 5 minutes on a 2-core CPU, data generation
-# included (measured figures in docs/TRAINING.md). From-scratch MobileNets sit on a loss plateau for the first
+# Overrides of `--data synthetic` (ClassifyConfig holds the user-data defaults; the generated set has
+# `make_synthetic_classification`'s default size): mobilenetv3_small reaches >= 90% val top-1 within 5 minutes on
+# a 2-core CPU, data generation included (measured figures in docs/TRAINING.md). From-scratch MobileNets sit on a loss plateau for the first
 # epochs; AdamW, light augmentation and no label smoothing get them off it fastest.
 SYNTHETIC_PRESET: dict[str, Any] = {
     "num_classes": 6,
-    "train_per_class": 500,
-    "val_per_class": 100,
     "imgsz": 64,
     "epochs": 18,
     "batch_size": 64,
@@ -59,113 +57,6 @@ class TrainResult:
     wall_s: float
     class_names: list[str] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------------- evaluation
-
-
-def _as_predict_fn(predict: nn.Module | Callable[[np.ndarray], Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Turn a torch model or a numpy callable into `fn(float tensor NCHW) -> logits tensor (N, C)` on CPU."""
-    if isinstance(predict, nn.Module):
-        model = predict.eval()
-        device = next(model.parameters()).device
-
-        @torch.no_grad()
-        def run_torch(x: torch.Tensor) -> torch.Tensor:
-            return model(x.to(device, non_blocking=True, memory_format=torch.channels_last)).float().cpu()
-
-        return run_torch
-
-    def run_numpy(x: torch.Tensor) -> torch.Tensor:
-        out = predict(np.ascontiguousarray(x.numpy(), dtype=np.float32))
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        return torch.as_tensor(np.asarray(out), dtype=torch.float32).reshape(x.shape[0], -1)
-
-    return run_numpy
-
-
-def evaluate_classifier(
-    predict: nn.Module | Callable[[np.ndarray], Any],
-    dataset: Dataset,
-    batch_size: int = 64,
-    workers: int = 0,
-    progress: bool = True,
-    desc: str = "eval",
-) -> dict[str, Any]:
-    """Top-1/top-5 accuracy (fractions) of `predict` on a dataset of (normalised CHW tensor, label) items.
-
-    `predict` is a torch model, or any callable mapping a float32 NCHW numpy batch to logits (N, classes).
-    Returns {"top1", "top5", "n", "per_class_top1"}.
-    """
-    from tqdm import tqdm
-
-    fn = _as_predict_fn(predict)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    correct1 = correct5 = n = 0
-    per_class_hits: dict[int, list[int]] = {}
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-        logits = fn(x)
-        if logits.shape[0] != y.shape[0]:
-            raise EdgeDeployError(f"predictor returned {logits.shape[0]} rows for a batch of {y.shape[0]} images")
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        hit1 = topk[:, 0] == y
-        correct1 += int(hit1.sum())
-        correct5 += int((topk == y[:, None]).any(1).sum())
-        n += int(y.shape[0])
-        for label, hit in zip(y.tolist(), hit1.tolist()):
-            per_class_hits.setdefault(label, [0, 0])
-            per_class_hits[label][0] += int(hit)
-            per_class_hits[label][1] += 1
-    if n == 0:
-        raise DatasetError("evaluation dataset is empty")
-    return {
-        "top1": correct1 / n,
-        "top5": correct5 / n,
-        "n": n,
-        "per_class_top1": {c: h / t for c, (h, t) in sorted(per_class_hits.items())},
-    }
-
-
-# ------------------------------------------------------------------------------------------------------- data
-
-
-def classification_datasets(
-    data: str | os.PathLike,
-    imgsz: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    num_classes: int | None = None,
-    seed: int = 0,
-    augment: bool | str = True,
-    progress: bool = True,
-):
-    """(train, val, class_names, data_root) for an ImageFolder folder or "synthetic" (generated or reused)."""
-    from edgedeploy.data.imagefolder import load_imagefolder
-
-    if str(data).lower() == "synthetic":
-        from edgedeploy.data.synthetic_classify import make_synthetic_classification
-
-        p = SYNTHETIC_PRESET
-        root = make_synthetic_classification(
-            num_classes=num_classes or p["num_classes"],
-            train_per_class=p["train_per_class"],
-            val_per_class=p["val_per_class"],
-            imgsz=imgsz,
-            seed=seed,
-            progress=progress,
-        )
-    else:
-        root = Path(data)
-    train, val = load_imagefolder(root, imgsz, mean, std, augment=augment)
-    if num_classes is not None and num_classes != len(train.classes):
-        raise DatasetError(
-            f"--num-classes {num_classes} but {root} has {len(train.classes)} classes "
-            f"({', '.join(train.classes[:10])}{' ...' if len(train.classes) > 10 else ''}); drop --num-classes "
-            "or fix the dataset"
-        )
-    return train, val, train.classes, root
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -287,52 +178,3 @@ def default_workers(dev: torch.device) -> int:
     """
     cpus = os.cpu_count() or 1
     return min(4, max(1, cpus - 1)) if dev.type == "cuda" else min(2, max(1, cpus // 2))
-
-
-def load_classifier(
-    weights: str | os.PathLike, model_name: str | None = None, num_classes: int | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint: name, class count and model options (an official file's, e.g. timm
-    MobileNetV1's ReLU6) come from the checkpoint unless given."""
-    from edgedeploy.models.checkpoint import checkpoint_meta
-    from edgedeploy.models.registry import create_model
-
-    if not os.path.isfile(weights):
-        raise CheckpointError(f"checkpoint not found: {weights}")
-    meta = checkpoint_meta(weights, model_name)  # ours, or what an official file says about itself
-    name = model_name or meta.get("model_name")
-    if not name:
-        raise CheckpointError(f"{weights} does not record its model: pass --model NAME")
-    n = num_classes if num_classes is not None else meta.get("num_classes")
-    model = create_model(name, num_classes=n, weights=str(weights))  # builds with the file's model options
-    return model.eval(), meta
-
-
-
-def predictor_for_artifact(
-    path: str | os.PathLike,
-    model_name: str | None = None,
-    num_classes: int | None = None,
-    device: str | None = None,
-) -> tuple[nn.Module | Callable[[np.ndarray], np.ndarray], int]:
-    """(predict, batch size) for `evaluate_classifier`: a torch model for .pt checkpoints, else a callable over
-    `edgedeploy.runtime.engine.load_engine` (ONNX Runtime / TensorRT). Fixed-batch engines get padded batches.
-    """
-    suffix = Path(path).suffix.lower()
-    if suffix in (".pt", ".pth", ".ckpt"):
-        model, _ = load_classifier(path, model_name, num_classes)
-        return model.to(select_device(device)), 64
-    from edgedeploy.runtime.loader import load_engine
-
-    engine = load_engine(path, model=model_name)
-    fixed = engine.input.shape[0]
-    batch = fixed if fixed > 0 else min(64, engine.max_batch or 64)
-    output = engine.outputs[0].name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        if fixed > 0 and n < fixed:  # pad the last, short batch of a static-shape engine
-            x = np.concatenate([x, np.zeros((fixed - n, *x.shape[1:]), x.dtype)])
-        return engine.infer(x)[output][:n]
-
-    return predict, batch

@@ -1,4 +1,4 @@
-"""Task-agnostic training pieces: seeding, device, run folders, AMP, EMA, optimizer, LR schedules, checkpoints,
+"""Task-agnostic training pieces: seeding, run folders, AMP, EMA, optimizer, LR schedules, checkpoints,
 metrics. `edgedeploy.train.loop.fit` puts them together into the one training loop every task uses.
 
 Checkpoint format (read back by `edgedeploy.models.checkpoint.load_weights`, EMA weights preferred)::
@@ -45,27 +45,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-
-
-def select_device(device: str | None = None) -> torch.device:
-    """'auto'/None -> cuda if available else cpu; 'cpu'; 'cuda', 'cuda:1' or just '1'."""
-    if device is None or str(device).lower() in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = str(device).lower()
-    if name.isdigit():
-        name = f"cuda:{name}"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EdgeDeployError(
-                f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-                f"built for CUDA {torch.version.cuda}). Use --device cpu, or check the driver with `nvidia-smi`."
-            )
-        index = torch.device(name).index or 0
-        if index >= torch.cuda.device_count():
-            raise EdgeDeployError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif name != "cpu":
-        raise EdgeDeployError(f"--device {device}: expected auto, cpu, cuda, cuda:N or N")
-    return torch.device(name)
 
 
 def run_dir(base: str | os.PathLike = "runs/train", name: str = "exp", exist_ok: bool = False) -> Path:

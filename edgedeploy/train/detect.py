@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgedeploy.errors import CheckpointError, DatasetError, EdgeDeployError
+from edgedeploy.errors import DatasetError, EdgeDeployError
 from edgedeploy.train.config import DetectConfig, build_config
 from edgedeploy.train.loop import TaskSpec, fit
 
@@ -23,20 +23,6 @@ SYNTHETIC_PRESET: dict[str, Any] = {"imgsz": 256}
 
 
 # ------------------------------------------------------------------------------------------- data and models
-
-
-def open_detection_data(data: str | os.PathLike, split: str, imgsz: int, synthetic: dict[str, Any] | None = None):
-    """A DetectionDataset for `split` of a YOLO/COCO folder, a COCO json, or the built-in `synthetic` set
-    (`synthetic`: keyword arguments of `synthetic_detection_dataset`, e.g. num_train, num_val, seed)."""
-    from edgedeploy.data.sources import open_detection_dataset
-    from edgedeploy.data.yolo_format import load_yolo_dataset
-
-    if str(data).lower() == "synthetic":
-        from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
-
-        root = synthetic_detection_dataset(**{"imgsz": imgsz, **(synthetic or {})})
-        return load_yolo_dataset(root, split)
-    return open_detection_dataset(data, split)
 
 
 def synthetic_params(cfg: DetectConfig, imgsz: int) -> dict[str, Any]:
@@ -51,54 +37,6 @@ def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     from edgedeploy.models.checkpoint import checkpoint_meta as _meta
 
     return _meta(path)
-
-
-def read_detector_meta(artifact: str | os.PathLike) -> dict[str, Any]:
-    """model_name, imgsz, class_names ... from a checkpoint's meta or an exported artifact's sidecar."""
-    artifact = Path(artifact)
-    if artifact.suffix.lower() in (".pt", ".pth", ".ckpt"):
-        return checkpoint_meta(artifact)
-    from edgedeploy.engines.sidecar import read_sidecar
-
-    side = read_sidecar(artifact, required=False)
-    if side is None:
-        return {}
-    shape = side.input_shape
-    imgsz = shape[-1] if shape and isinstance(shape[-1], int) else None
-    return {"model_name": side.model, "class_names": list(side.class_names), "imgsz": imgsz, "task": side.task,
-            "mean": list(side.mean), "std": list(side.std), "preprocess": side.convention().to_dict()}
-
-
-def check_family(meta: dict[str, Any], model_name: str, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint of another detector before its keys are compared (clearer than 300 missing keys)."""
-    from edgedeploy.models.registry import get_model_info
-
-    saved = meta.get("model_name")
-    if not saved:
-        return
-    want, have = get_model_info(model_name), get_model_info(saved)
-    if want.name != have.name:
-        hint = (
-            f"it is a {have.family} checkpoint and {model_name} is a {want.family} model: the two YOLO families do "
-            "not share weights" if want.family != have.family else "a different size of the same family"
-        )
-        raise CheckpointError(f"{path} was trained as {have.name}, not {want.name} ({hint}). Pass --model {have.name}.")
-
-
-def load_detector(path: str | os.PathLike, model_name: str | None = None, num_classes: int | None = None):
-    """A detector rebuilt from our checkpoint (EMA weights), model and class count taken from its meta."""
-    from edgedeploy.models.checkpoint import load_weights
-    from edgedeploy.models.registry import create_model
-
-    meta = checkpoint_meta(path)
-    model_name = model_name or meta.get("model_name")
-    if not model_name:
-        raise CheckpointError(f"{path} does not say which model it belongs to: pass --model NAME")
-    check_family(meta, model_name, path)
-    num_classes = int(meta.get("num_classes") or num_classes or 80)
-    model = create_model(model_name, num_classes=num_classes)
-    load_weights(model, path)
-    return model.eval()
 
 
 def load_finetune_weights(model, resolved, path) -> None:
@@ -194,6 +132,8 @@ class DetectSpec(TaskSpec):
 
         from edgedeploy.data.detect_augment import DetectionTrainSet, collate_detection
         from edgedeploy.data.preprocess import InputConvention
+        from edgedeploy.data.sources import open_detection_data
+        from edgedeploy.eval.detect import check_family
 
         cfg, info = self.cfg, self.info
         if cfg.imgsz % 32:
@@ -281,15 +221,15 @@ class DetectSpec(TaskSpec):
         return loss, _loss_items(loss, items), 1
 
     def validate(self, model, epoch: int):
-        from edgedeploy.train.detect_eval import torch_predict_fn
+        from edgedeploy.eval.predictors import torch_detect_fn
 
         recalibrate_batchnorm(model, self.calib_loader, self.device, self.cfg.precise_bn)
-        metrics = self.evaluate(torch_predict_fn(model, self.device, amp=self.cfg.amp), verbose=False)
+        metrics = self.evaluate(torch_detect_fn(model, self.device, amp=self.cfg.amp), verbose=False)
         return {"val/mAP50": metrics.map50, "val/mAP50-95": metrics.map}, {}
 
     def evaluate(self, predict, verbose: bool):
         """COCO mAP of `predict` on the val split: the one place training calls the detection evaluator."""
-        from edgedeploy.train.detect_eval import evaluate_detector
+        from edgedeploy.eval.detect import evaluate_detector
 
         return evaluate_detector(predict, self.val_ds, self.cfg.imgsz, mean=self.info.mean, std=self.info.std,
                                  batch_size=max(1, self.batch), out_dir=self.out, verbose=verbose, desc="val",
@@ -300,14 +240,15 @@ class DetectSpec(TaskSpec):
 
     def final_report(self, cfg: DetectConfig) -> dict[str, Any]:
         """The COCO table, per-class AP and the PR curve of the best weights; the summary `train_detector` returns."""
+        from edgedeploy.eval.detect import load_detector
+        from edgedeploy.eval.predictors import torch_detect_fn
         from edgedeploy.io import atomic_write_json
-        from edgedeploy.train.detect_eval import torch_predict_fn
 
         out = self.out
         best_path = out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
         final_model = load_detector(best_path, self.info.name).to(self.device)
         print(f"\nvalidating {best_path}:")
-        metrics = self.evaluate(torch_predict_fn(final_model, self.device), verbose=True)
+        metrics = self.evaluate(torch_detect_fn(final_model, self.device), verbose=True)
         print(metrics.class_table())
         atomic_write_json(out / "val_metrics.json", metrics.as_dict())
         print(f"best mAP@.5 {metrics.map50:.4f}  mAP@.5:.95 {metrics.map:.4f}  weights {best_path}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from edgedeploy.errors import CheckpointError, EdgeDeployError
+from edgedeploy.eval.predictors import select_device
 from edgedeploy.train.common import (
     SCHEDULES,
     MetricsLogger,
@@ -32,7 +33,6 @@ from edgedeploy.train.common import (
     run_dir,
     save_checkpoint,
     seed_everything,
-    select_device,
 )
 from edgedeploy.train.config import DEFAULT_EPOCHS, TrainConfig
 

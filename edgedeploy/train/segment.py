@@ -185,7 +185,8 @@ class SegmentSpec(TaskSpec):
         return loss, {"loss": loss.item()}, len(x)
 
     def validate(self, model: nn.Module, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
-        from edgedeploy.train.segment_eval import evaluate_segmenter, torch_predict_fn
+        from edgedeploy.eval.predictors import torch_predict_fn
+        from edgedeploy.eval.segment import evaluate_segmenter
 
         s = self.scores = evaluate_segmenter(torch_predict_fn(model, self.device), self.val_ds,
                                              batch_size=self.cfg.batch_size, progress=self.cfg.progress,

@@ -512,7 +512,7 @@ class DetectAdapter(TaskAdapter):
         metrics: dict[str, float] = {"n": float(len(flat)),
                                      "dets_per_image": float(np.mean([len(d) for d in flat])) if flat else 0.0}
         if eval_data.targets is not None:
-            from edgedeploy.train.detect_eval import detections_to_coco, score_detections
+            from edgedeploy.eval.detect import detections_to_coco, score_detections
 
             ds = eval_data.targets["dataset"]
             results: list[dict] = []

@@ -143,7 +143,7 @@ class SegmentAdapter(TaskAdapter):
     def evaluate(self, run_fn: RunFn, eval_data: EvalData, reference_fn: RunFn | None = None) -> dict[str, float]:
         import torch
 
-        from edgedeploy.train.segment_eval import SegmentationMeter, predictions_at
+        from edgedeploy.eval.segment import SegmentationMeter, predictions_at
 
         meter = None
         if eval_data.targets is not None:

@@ -1,8 +1,8 @@
 """Segmentation metrics (pixel accuracy, mean class accuracy, mIoU) and one evaluation loop for every backend.
 
 `evaluate_segmenter(predict_fn, dataset)` only needs a callable mapping a normalised float32 NCHW batch to
-logits (N, C, h, w) or class ids (N, h, w): a PyTorch checkpoint, an ONNX Runtime session and a TensorRT engine
-are all scored by the same code, at each image's original resolution (predictions are resized back, logits
+logits (N, C, h, w) or class ids (N, h, w) (`edgedeploy.eval.predictors`): a PyTorch checkpoint, an ONNX file
+and a TensorRT engine are all scored by the same code, at each image's original resolution (predictions are resized back, logits
 bilinearly, class ids nearest), as torchvision's reference evaluates.
 """
 
@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from edgedeploy.errors import EdgeDeployError
-
-PredictFn = Callable[[np.ndarray], Any]  # (N, 3, H, W) float32 -> logits (N, C, h, w) or ids (N, h, w)
+from edgedeploy.eval.predictors import PredictFn  # (N, 3, H, W) float32 -> logits (N, C, h, w) or ids (N, h, w)
 
 
 def confusion_matrix(
@@ -177,63 +176,13 @@ def evaluate_segmenter(
     return meter.scores()
 
 
-def torch_predict_fn(model: torch.nn.Module, device: torch.device | str = "cpu") -> PredictFn:
-    """A predict_fn over a PyTorch segmenter (eval mode, no grad)."""
-    model = model.to(device).eval()
-
-    @torch.no_grad()
-    def predict(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(np.ascontiguousarray(x)).to(device)).float().cpu().numpy()
-
-    return predict
-
-
-def onnx_predict_fn(path: str) -> PredictFn:
-    """A predict_fn over an ONNX file (ONNX Runtime, CPU). A static batch-1 model is fed image by image."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inp = session.get_inputs()[0]
-    static_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
-    dtype = np.float16 if "float16" in inp.type else np.float32
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        chunks = [x] if static_batch is None else [x[i : i + static_batch] for i in range(0, len(x), static_batch)]
-        outs = [session.run(None, {inp.name: c.astype(dtype)})[0] for c in chunks]
-        out = np.concatenate(outs)
-        return out.astype(np.float32) if out.dtype == np.float16 else out
-
-    return predict
-
-
 # --------------------------------------------------------------------------------------------------- CLI
-
-
-def artifact_predict_fn(path: str, model_name: str | None = None) -> tuple[PredictFn, int]:
-    """(predict_fn, batch) over an ONNX file or TensorRT engine via edgedeploy.runtime (ONNX Runtime fallback);
-    a static-batch artifact gets its last, short batch padded."""
-    try:
-        from edgedeploy.runtime.loader import load_engine
-    except ImportError:
-        return onnx_predict_fn(path), 1
-    engine = load_engine(path, model=model_name)
-    fixed = engine.input.shape[0]
-    fixed = fixed if isinstance(fixed, int) and fixed > 0 else 0
-    output = engine.outputs[0].name
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        n = x.shape[0]
-        if fixed and n < fixed:
-            x = np.concatenate([x, np.zeros((fixed - n, *x.shape[1:]), x.dtype)])
-        return engine.infer(x)[output][:n]
-
-    return predict, fixed or min(8, engine.max_batch or 8)
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
     """`deploy eval` for segmentation: a checkpoint, ONNX file or engine on a VOC-style set (or `synthetic`).
 
-    Reads the namespace edgedeploy.train.eval_cli builds (artifact/weights, model, data, split, imgsz,
+    Reads the namespace edgedeploy.eval.cli builds (artifact/weights, model, data, split, imgsz,
     batch_size, num_classes, device, json, quiet); the class list, input size and ignore index default to what
     the checkpoint or the export sidecar recorded.
     """
@@ -256,8 +205,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     data = getattr(args, "data", None) or "synthetic"
     if Path(path).suffix.lower() in (".pt", ".pth", ".ckpt"):
         from edgedeploy.models.checkpoint import read_checkpoint
+        from edgedeploy.eval.predictors import select_device, torch_predict_fn
         from edgedeploy.models.registry import create_model
-        from edgedeploy.train.common import select_device
 
         meta = read_checkpoint(path).get("meta") or {}
         model_name = model_name or meta.get("model_name")
@@ -273,6 +222,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         predict, default_batch = torch_predict_fn(model, select_device(getattr(args, "device", "auto"))), 8
     else:
         from edgedeploy.engines.sidecar import read_sidecar
+        from edgedeploy.eval.predictors import artifact_predict_fn
 
         side = read_sidecar(path, required=False)
         recorded = getattr(args, "recorded_meta", None) or {}  # the sidecar's data fields, read by `deploy eval`

@@ -1,8 +1,8 @@
 """`deploy eval`: score a checkpoint, ONNX file or TensorRT engine on a dataset with the same metric code.
 
 The task comes from --model, else from what the artifact records (checkpoint meta or the JSON sidecar):
-classify is handled here; detect and segment go to `edgedeploy.train.detect_eval.run_eval_cli` and
-`edgedeploy.train.segment_eval.run_eval_cli`, which read the same namespace.
+classify is handled here; detect and segment go to `edgedeploy.eval.detect.run_eval_cli` and
+`edgedeploy.eval.segment.run_eval_cli`, which read the same namespace.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from edgedeploy import options as opt
 from edgedeploy.errors import EdgeDeployError
 
 TASK_EVALUATORS = {
-    "detect": "edgedeploy.train.detect_eval",
-    "segment": "edgedeploy.train.segment_eval",
+    "detect": "edgedeploy.eval.detect",
+    "segment": "edgedeploy.eval.segment",
 }
 
 
@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (PyTorch checkpoints)")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    from edgedeploy.train.detect_eval import add_detect_eval_arguments
+    from edgedeploy.eval.detect import add_detect_eval_arguments
 
     add_detect_eval_arguments(parser.add_argument_group("detection models"))
 
@@ -141,10 +141,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _eval_classify(args: argparse.Namespace, path: str, model_name: str | None, meta: dict) -> int:
+    from edgedeploy.data.imagefolder import classification_datasets
     from edgedeploy.errors import EdgeDeployError
+    from edgedeploy.eval.classify import evaluate_classifier, predictor_for_artifact
     from edgedeploy.io import atomic_write_json
     from edgedeploy.models.registry import get_model_info
-    from edgedeploy.train.classify import classification_datasets, evaluate_classifier, predictor_for_artifact
 
     if model_name is None:
         raise EdgeDeployError(f"{path} does not record its model: pass --model NAME")

@@ -3,7 +3,8 @@
 `evaluate_detector(predict_fn, dataset, imgsz)` letterboxes every image exactly as deployment does, asks
 `predict_fn` for detections in network-input pixels, maps them back to original-image pixels with the
 letterbox scale and padding, and scores them against the dataset's ground truth (a COCO object built in
-memory, also for YOLO-txt datasets). Only `predict_fn` differs between backends:
+memory, also for YOLO-txt datasets). Only `predict_fn` differs between backends (`edgedeploy.eval.predictors`:
+`torch_detect_fn`, `engine_detect_fn`, `onnx_detect_fn`):
 
     predict_fn(x: np.ndarray [B, 3, S, S] float32) -> sequence of B arrays/tensors [K, 6] (x1, y1, x2, y2, score, cls)
 """
@@ -17,25 +18,19 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from edgedeploy.data.yolo_format import DetectionDataset
-from edgedeploy.errors import EdgeDeployError
-
-PredictFn = Callable[[np.ndarray], Sequence[Any]]
+from edgedeploy.errors import CheckpointError, EdgeDeployError
+from edgedeploy.eval.predictors import EVAL_CONF, EVAL_IOU, EVAL_MAX_DET, PredictFn, engine_detect_fn, torch_detect_fn
 
 # The 12 numbers COCOeval.summarize() prints, in order.
 COCO_STAT_NAMES = (
     "AP@[.5:.95]", "AP@.5", "AP@.75", "AP_small", "AP_medium", "AP_large",
     "AR@1", "AR@10", "AR@100", "AR_small", "AR_medium", "AR_large",
 )  # fmt: skip
-
-# Thresholds for mAP evaluation: keep nearly everything (low-score detections still raise recall).
-EVAL_CONF = 0.001
-EVAL_IOU = 0.65
-EVAL_MAX_DET = 300
 
 
 @dataclass
@@ -234,107 +229,57 @@ def plot_pr_curve(ev, names: Sequence[str], path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-# ------------------------------------------------------------------------------------------- predict functions
+# ------------------------------------------------------------------------------------------ checkpoints
 
 
-def torch_predict_fn(
-    model, device=None, conf_thres: float = EVAL_CONF, iou_thres: float = EVAL_IOU, max_det: int = EVAL_MAX_DET, amp: bool = False
-) -> PredictFn:
-    """A PyTorch detector in eval mode; NMS runs on the model's device."""
-    import torch
+def read_detector_meta(artifact: str | os.PathLike) -> dict[str, Any]:
+    """model_name, imgsz, class_names ... from a checkpoint's meta or an exported artifact's sidecar."""
+    from edgedeploy.models.checkpoint import checkpoint_meta
 
-    from edgedeploy.runtime.nms import batched_detections
+    artifact = Path(artifact)
+    if artifact.suffix.lower() in (".pt", ".pth", ".ckpt"):
+        return checkpoint_meta(artifact)
+    from edgedeploy.engines.sidecar import read_sidecar
 
-    device = device or next(model.parameters()).device
-
-    def predict(x: np.ndarray) -> list:
-        model.eval()
-        with torch.inference_mode():
-            xt = torch.from_numpy(x).to(device)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=amp and xt.device.type == "cuda"):
-                boxes, scores = model(xt)
-            return batched_detections(boxes.float(), scores.float(), conf_thres=conf_thres, iou_thres=iou_thres,
-                                      max_det=max_det)
-
-    return predict
+    side = read_sidecar(artifact, required=False)
+    if side is None:
+        return {}
+    shape = side.input_shape
+    imgsz = shape[-1] if shape and isinstance(shape[-1], int) else None
+    return {"model_name": side.model, "class_names": list(side.class_names), "imgsz": imgsz, "task": side.task,
+            "mean": list(side.mean), "std": list(side.std), "preprocess": side.convention().to_dict()}
 
 
-def engine_predict_fn(
-    engine, conf_thres: float = EVAL_CONF, iou_thres: float = EVAL_IOU, max_det: int = EVAL_MAX_DET
-) -> PredictFn:
-    """Any `edgedeploy.runtime` Engine (ONNX Runtime, TensorRT, ...): `engine.infer(x) -> {name: array}`.
+def check_family(meta: dict[str, Any], model_name: str, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint of another detector before its keys are compared (clearer than 300 missing keys)."""
+    from edgedeploy.models.registry import get_model_info
 
-    An artifact built for a fixed batch gets the last, smaller batch zero-padded (the padding is dropped).
-    """
-    spec = getattr(engine, "input", None)
-    dtype = np.dtype(spec.dtype) if spec is not None else np.dtype(np.float32)  # FP16-input artifacts
-    fixed_batch = spec.shape[0] if spec is not None and spec.shape and spec.shape[0] > 0 else None
-    max_batch = fixed_batch or getattr(engine, "max_batch", None)
-
-    def predict(x: np.ndarray) -> list[np.ndarray]:
-        n = x.shape[0]
-        if max_batch and n > max_batch:
-            return [d for i in range(0, n, max_batch) for d in predict(x[i : i + max_batch])]
-        if fixed_batch and n < fixed_batch:
-            x = np.concatenate([x, np.zeros((fixed_batch - n, *x.shape[1:]), x.dtype)])
-        return detections_from_outputs(engine.infer(x.astype(dtype, copy=False)), conf_thres, iou_thres, max_det)[:n]
-
-    return predict
+    saved = meta.get("model_name")
+    if not saved:
+        return
+    want, have = get_model_info(model_name), get_model_info(saved)
+    if want.name != have.name:
+        hint = (
+            f"it is a {have.family} checkpoint and {model_name} is a {want.family} model: the two YOLO families do "
+            "not share weights" if want.family != have.family else "a different size of the same family"
+        )
+        raise CheckpointError(f"{path} was trained as {have.name}, not {want.name} ({hint}). Pass --model {have.name}.")
 
 
-def onnx_predict_fn(path: str | os.PathLike, **kwargs) -> PredictFn:
-    """An ONNX detector through ONNX Runtime (with or without NMS in the graph)."""
-    from edgedeploy.runtime.loader import load_engine
+def load_detector(path: str | os.PathLike, model_name: str | None = None, num_classes: int | None = None):
+    """A detector rebuilt from our checkpoint (EMA weights), model and class count taken from its meta."""
+    from edgedeploy.models.checkpoint import checkpoint_meta, load_weights
+    from edgedeploy.models.registry import create_model
 
-    return engine_predict_fn(load_engine(path, backend="onnxruntime"), **kwargs)
-
-
-def detections_from_outputs(
-    outputs: Mapping[str, np.ndarray], conf_thres: float = EVAL_CONF, iou_thres: float = EVAL_IOU, max_det: int = EVAL_MAX_DET
-) -> list[np.ndarray]:
-    """Per-image [K, 6] detections from an artifact's named outputs, whichever NMS variant it was exported with:
-
-    * no NMS: `boxes` [B, N, 4] + `scores` [B, N, C]   -> NMS on the host (the same `postprocess` as PyTorch);
-    * NMS in the graph, padded: one [B, K, 6] output, or EfficientNMS-style num_dets [B, 1] + boxes [B, K, 4]
-      + scores [B, K] + classes [B, K].
-    """
-    import torch
-
-    arrays = {k: np.asarray(v) for k, v in outputs.items()}
-    three_d = [a for a in arrays.values() if a.ndim == 3]
-    # Our exporter's names first (a 4-class model has scores [B,N,4] too), then shapes for other tools' files.
-    box_arr = arrays.get("boxes", arrays.get("det_boxes"))
-    box_arr = box_arr if box_arr is not None and box_arr.ndim == 3 else next((a for a in three_d if a.shape[-1] == 4), None)
-    score_arr = arrays.get("scores")
-    if score_arr is None or score_arr.ndim != 3:
-        score_arr = next((a for a in three_d if box_arr is not None and a is not box_arr and a.shape[:2] == box_arr.shape[:2]), None)
-    if box_arr is not None and score_arr is not None and len(arrays) == 2:
-        from edgedeploy.runtime.nms import batched_detections
-
-        dets = batched_detections(torch.from_numpy(box_arr.astype(np.float32)), torch.from_numpy(score_arr.astype(np.float32)),
-                                  conf_thres=conf_thres, iou_thres=iou_thres, max_det=max_det)
-        return [d.numpy() for d in dets]
-    packed = next((a for a in three_d if a.shape[-1] == 6), None)
-    if packed is not None and len(arrays) == 1:
-        return [d[d[:, 4] > conf_thres][:max_det].astype(np.float32) for d in packed]
-    if box_arr is not None:
-        counts = next((a for a in arrays.values() if a.ndim == 2 and a.shape[1] == 1), None)
-        two_d = [a for a in arrays.values() if a.ndim == 2 and a.shape[1] == box_arr.shape[1]]
-        floats = [arrays[k] for k in ("scores", "det_scores") if k in arrays and arrays[k].ndim == 2]
-        floats = floats or [a for a in two_d if a.dtype.kind == "f"]
-        ints = [arrays[k] for k in ("classes", "det_classes") if k in arrays and arrays[k].ndim == 2]
-        ints = ints or [a for a in two_d if a.dtype.kind in "iu"]
-        if counts is not None and floats and ints:
-            out = []
-            for b in range(box_arr.shape[0]):
-                n = int(counts[b, 0])
-                out.append(np.concatenate([box_arr[b, :n], floats[0][b, :n, None], ints[0][b, :n, None]], 1).astype(np.float32))
-            return out
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
-    raise EdgeDeployError(
-        f"cannot read detections from outputs {shapes}: expected boxes [B,N,4] + scores [B,N,C] (export --nms none), "
-        "one [B,K,6] output, or num_dets/boxes/scores/classes (NMS in the graph)"
-    )
+    meta = checkpoint_meta(path)
+    model_name = model_name or meta.get("model_name")
+    if not model_name:
+        raise CheckpointError(f"{path} does not say which model it belongs to: pass --model NAME")
+    check_family(meta, model_name, path)
+    num_classes = int(meta.get("num_classes") or num_classes or 80)
+    model = create_model(model_name, num_classes=num_classes)
+    load_weights(model, path)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -357,14 +302,14 @@ def add_detect_eval_arguments(parser) -> None:
 
 
 def run_eval_cli(args) -> int:
-    """`deploy eval` for detectors (called by edgedeploy.train.eval_cli with its namespace): ARTIFACT (.pt
+    """`deploy eval` for detectors (called by edgedeploy.eval.cli with its namespace): ARTIFACT (.pt
     checkpoint, .onnx, .engine) on --data (YOLO/COCO folder, or `synthetic`: regenerated as recorded at training).
     Prints the COCO summary and per-class AP; writes pr_curve.png beside the artifact and --json if given.
     """
     from edgedeploy.io import atomic_write_json
     from edgedeploy.models.registry import get_model_info
-    from edgedeploy.train.common import select_device
-    from edgedeploy.train.detect import open_detection_data, read_detector_meta
+    from edgedeploy.data.sources import open_detection_data
+    from edgedeploy.eval.predictors import select_device
 
     artifact = Path(_first_attr(args, ("artifact", "weights", "onnx", "engine")) or "")
     if not str(artifact) or not artifact.exists():
@@ -389,15 +334,13 @@ def run_eval_cli(args) -> int:
         )
 
     if artifact.suffix.lower() in (".pt", ".pth", ".ckpt"):
-        from edgedeploy.train.detect import load_detector
-
         device = select_device(getattr(args, "device", None))
         model = load_detector(artifact, model_name, num_classes=getattr(args, "num_classes", None) or len(dataset.names))
-        predict = torch_predict_fn(model.to(device), device, conf, iou, max_det)
+        predict = torch_detect_fn(model.to(device), device, conf, iou, max_det)
     else:
         from edgedeploy.runtime.loader import load_engine
 
-        predict = engine_predict_fn(load_engine(artifact), conf, iou, max_det)
+        predict = engine_detect_fn(load_engine(artifact), conf, iou, max_det)
     mean = meta.get("mean") or (info.mean if info else (0.0, 0.0, 0.0))
     std = meta.get("std") or (info.std if info else (1.0, 1.0, 1.0))
     from edgedeploy.data.preprocess import InputConvention
