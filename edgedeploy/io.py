@@ -104,6 +104,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def file_key(path: str | os.PathLike) -> tuple[str, int, int, int]:
+    """What identifies one version of a file, for caches: resolved path, inode, mtime (ns) and size. An atomic
+    rewrite changes the inode, an in-place one the mtime or size."""
+    st = os.stat(path)
+    return str(Path(path).resolve()), st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -13,18 +13,16 @@ import torch
 def main(ckpt: str, out: str) -> int:
     from edgedeploy.data.imagefolder import classification_datasets
     from edgedeploy.eval.classify import evaluate_classifier, load_classifier
-    from edgedeploy.models.checkpoint import read_checkpoint
-    from edgedeploy.models.registry import get_model_info
+    from edgedeploy.models.artifact import describe_artifact
 
-    meta = dict(read_checkpoint(ckpt).get("meta") or {})
-    info = get_model_info(meta["model_name"])
-    saved = meta.get("train_args") or {}
-    imgsz = meta.get("imgsz") or info.imgsz
+    desc = describe_artifact(ckpt)
+    saved = desc.data.get("train_args") or {}
+    mean, std = desc.convention.unit_mean_std()
     _, val, _, root = classification_datasets(
-        meta.get("data") or "synthetic", imgsz, meta.get("mean") or info.mean, meta.get("std") or info.std,
-        num_classes=len(meta["class_names"]) if meta.get("class_names") else None,
+        desc.data.get("data") or "synthetic", desc.imgsz, mean, std,
+        num_classes=len(desc.class_names) if desc.class_names else None,
         seed=int(saved.get("seed", 0)), augment=False, progress=False)
-    model, _ = load_classifier(ckpt, meta["model_name"], None)
+    model, _ = load_classifier(ckpt, desc.model, None)
     model = model.cuda().eval()
     result = {"checkpoint": ckpt, "data": str(root), "gpu": torch.cuda.get_device_name(0)}
     for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):

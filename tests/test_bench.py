@@ -109,7 +109,7 @@ def test_bench_cli_json_and_compare(tmp_path, capsys):
     from onnxconverter_common import float16
     import onnx
 
-    from edgedeploy.engines.sidecar import read_sidecar, write_sidecar
+    from edgedeploy.models.artifact import read_sidecar, write_sidecar
 
     fp16_path = tmp_path / "cls.fp16.onnx"
     onnx.save(float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(fp16_path))

@@ -173,7 +173,7 @@ def test_compare_flags_a_missing_detection():
 def _rtx_build(onnx_path, tmp_path, batch=(1, 1, 1)):
     from edgedeploy.engines.common import BuildRequest
     from edgedeploy.engines.rtx_builder import build
-    from edgedeploy.engines.sidecar import ArtifactMeta
+    from edgedeploy.models.artifact import ArtifactMeta
 
     return build(BuildRequest(onnx_path, tmp_path / (onnx_path.stem + ".engine"),
                               ArtifactMeta(model="detector", task="detect"), batch))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -252,11 +251,14 @@ def test_checkpoint_of_the_other_yolo_family_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_eval_cli_on_the_trained_checkpoint(smoke_run, synthetic_root, tmp_path, capsys):
-    from edgedeploy.eval.detect import run_eval_cli
+    from edgedeploy.eval.detect import evaluate_artifact
+    from edgedeploy.eval.request import EvalRequest
+    from edgedeploy.models.artifact import describe_artifact
 
     _, summary = smoke_run
-    args = argparse.Namespace(artifact=summary["best"], data=str(synthetic_root), split="val", out=str(tmp_path), batch=4)
-    assert run_eval_cli(args) == 0
+    request = EvalRequest(describe_artifact(summary["best"]), data=str(synthetic_root), split="val", out=str(tmp_path),
+                          batch=4)
+    assert evaluate_artifact(request) == 0
     out = capsys.readouterr().out
     assert "Average Precision" in out and "mAP@.5" in out
     saved = json.loads((tmp_path / "eval_best.json").read_text())

@@ -285,7 +285,7 @@ def test_kernel_target_is_a_cubin_for_the_device_or_ptx_the_driver_accepts(gpu):
 
 
 def test_driver_older_than_the_cuda_line_is_one_clear_error(monkeypatch, models, tmp_path):
-    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.models.artifact import read_sidecar
 
     fake_cuda.install(monkeypatch, driver=12060)  # a JetPack 6 / r5xx driver under the CUDA 13 bindings
     fake_tensorrt.install(monkeypatch)
@@ -307,7 +307,7 @@ def test_driver_older_than_the_cuda_line_is_one_clear_error(monkeypatch, models,
 
 
 def test_engine_built_for_another_gpu_is_refused_naming_both(gpu, models, tmp_path):
-    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.models.artifact import read_sidecar
     from edgedeploy.errors import EngineCompatibilityError
     from edgedeploy.runtime.pipelines import Classifier
 

@@ -9,7 +9,7 @@ from enum import IntEnum
 import pytest
 
 from edgedeploy.engines.common import BuildRequest, build_engine
-from edgedeploy.engines.sidecar import ArtifactMeta
+from edgedeploy.models.artifact import ArtifactMeta
 
 pytestmark = pytest.mark.emulated_gpu
 

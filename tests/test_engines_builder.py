@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgedeploy.engines.common import BuildRequest, build_engine, network_flags
-from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EngineBuildError
 
 

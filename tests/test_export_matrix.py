@@ -97,7 +97,7 @@ def _build_engines(out, name: str, precisions) -> None:
     """TensorRT-RTX builds of this folder's ONNX files, outside the pipeline (its sidecars give the metadata)."""
     from edgedeploy.engines.common import BuildRequest
     from edgedeploy.engines.rtx_builder import build
-    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.models.artifact import read_sidecar
 
     for p in precisions:
         onnx_path = out / (f"{name}.onnx" if p == "fp32" else f"{name}.{p}.onnx")

@@ -102,7 +102,7 @@ from pathlib import Path
 os.umask(int(sys.argv[2], 8))
 from edgedeploy.io import atomic_write_text, atomic_torch_save, current_umask
 from edgedeploy.engines.triton import write_triton_repo
-from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, write_sidecar
 out = Path(sys.argv[1])
 atomic_write_text(out / "a" / "report.json", "{}")
 import torch
@@ -262,7 +262,7 @@ class _FakeTrt:
 @pytest.mark.parametrize("interrupt_at", [None, 5])
 def test_ctrl_c_cancels_the_build_and_writes_nothing(tmp_path, interrupt_at):
     from edgedeploy.engines.common import BuildRequest, build_engine
-    from edgedeploy.engines.sidecar import ArtifactMeta
+    from edgedeploy.models.artifact import ArtifactMeta
 
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"onnx")
@@ -308,15 +308,16 @@ def test_cleanup_removes_only_the_empty_folders_a_run_created(tmp_path):
 
 def test_eval_on_a_detector_takes_the_detection_flags(tmp_path, monkeypatch):
     """`deploy eval` parses --conf-thres/--iou-thres/--max-det/--out and hands them to the detection evaluator."""
-    import edgedeploy.eval.detect as detect_eval
+    import edgedeploy.eval.cli  # noqa: F401  (registers the evaluators)
     from edgedeploy.cli import main
-    from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
+    from edgedeploy.models.artifact import ArtifactMeta, write_sidecar
+    from edgedeploy.tasks import DETECT
 
     art = tmp_path / "det.onnx"
     art.write_bytes(b"stand-in: the evaluator is replaced below")
     write_sidecar(art, ArtifactMeta("yolox_nano", "detect", input_shape=[1, 3, 64, 64]))
     seen = {}
-    monkeypatch.setattr(detect_eval, "run_eval_cli", lambda args: seen.update(vars(args)) or 0)
+    monkeypatch.setitem(DETECT.parts, "evaluator", lambda request: seen.update(vars(request.nms), out=request.out) or 0)
     assert main(["eval", str(art), "--data", "synthetic", "--conf-thres", "0.3", "--iou-thres", "0.5", "--max-det", "7",
                  "--out", str(tmp_path / "ev")]) == 0
     assert (seen["conf_thres"], seen["iou_thres"], seen["max_det"], seen["out"]) == (0.3, 0.5, 7, str(tmp_path / "ev"))

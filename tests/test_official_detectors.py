@@ -148,7 +148,7 @@ def test_export_cli_onnx_reproduces_original(tmp_path, capsys):
     import onnxruntime as ort
 
     from edgedeploy.cli import main
-    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.models.artifact import read_sidecar
 
     figures = {}
     for name, (file, _) in CASES.items():
@@ -212,7 +212,7 @@ def test_finetune_from_official_yolox_reinitialises_head_and_keeps_convention(tm
 
 
 def test_old_sidecar_reads_as_rgb_unit_convention():
-    from edgedeploy.engines.sidecar import ArtifactMeta
+    from edgedeploy.models.artifact import ArtifactMeta
 
     old = {"model": "yolox_s", "task": "detect", "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "letterbox": True}
     conv = ArtifactMeta.from_dict(old).convention()
@@ -229,7 +229,7 @@ def test_triton_preprocess_follows_the_convention(conv_name, monkeypatch, tmp_pa
     import sys
     import types
 
-    from edgedeploy.engines.sidecar import ArtifactMeta
+    from edgedeploy.models.artifact import ArtifactMeta
     from edgedeploy.engines.triton import PREPROCESS_MODEL_PY, preprocess_config
     from edgedeploy.runtime.engine import TensorSpec
 

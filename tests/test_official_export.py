@@ -80,7 +80,7 @@ def _feed(pixels: np.ndarray, conv: InputConvention) -> np.ndarray:
 def test_cli_export_reproduces_original(tmp_path, capsys, file, stem, name, imgsz, pre, kwargs, source):
     """`deploy export --weights OFFICIAL` (no --model: the file says which variant it is), the sidecar records the
     original's convention and model options, and the ONNX in ONNX Runtime reproduces the original's logits."""
-    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.models.artifact import read_sidecar
 
     out = _export(tmp_path, file, imgsz, capsys)
     onnx = out / name / f"{name}.onnx"
@@ -108,7 +108,7 @@ def test_verify_rebuilds_with_the_recorded_model_options(tmp_path, capsys):
     """`deploy verify` rebuilds ShuffleNetV1 with the options the sidecar records; recording the wrong option
     (the default shuffle placement) makes the same proof fail, so the recorded options are what it uses."""
     from edgedeploy.cli import main
-    from edgedeploy.engines.sidecar import sidecar_path
+    from edgedeploy.models.artifact import sidecar_path
 
     out = _export(tmp_path, "megvii_shufflenetv1_g8_x1_0.pth.tar", 96, capsys)
     onnx = out / "shufflenetv1_g8_x1_0" / "shufflenetv1_g8_x1_0.onnx"
@@ -143,9 +143,9 @@ def _image() -> np.ndarray:
 
 
 def _recorded(file: str) -> InputConvention:
-    from edgedeploy.models.checkpoint import checkpoint_meta
+    from edgedeploy.models.checkpoint import read_checkpoint_meta
 
-    return InputConvention.from_dict(checkpoint_meta(FIX / file)["preprocess"])
+    return InputConvention.from_dict(read_checkpoint_meta(FIX / file).preprocess)
 
 
 @pytest.mark.parametrize("file,size", [("timm_mobilevit_xxs.safetensors", 256), ("timm_mobilenetv1_025.pth", 224)])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edgedeploy.data.preprocess import letterbox, to_input_tensor
-from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, write_sidecar
 from edgedeploy.errors import EdgeDeployError, EngineCompatibilityError, InputError
 from edgedeploy.runtime import Classifier, Detector, Segmenter, load_engine, load_pipeline
 from edgedeploy.runtime.backends.tensorrt import check_engine_compat, check_engine_file

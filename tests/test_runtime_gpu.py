@@ -229,7 +229,7 @@ def test_torch_backend_on_cuda_matches_cpu(tmp_path):
     from edgedeploy.runtime import Classifier
 
     path, model = make_classifier_onnx(tmp_path)
-    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.models.artifact import read_sidecar
 
     meta = read_sidecar(path)
     model.model_info = None
@@ -245,7 +245,7 @@ def _build_engine(onnx_path, engine_path, max_batch=8):
     """Build with the TensorRT Python API and record the sidecar the runtime checks."""
     import tensorrt as trt
 
-    from edgedeploy.engines.sidecar import read_sidecar, write_sidecar
+    from edgedeploy.models.artifact import read_sidecar, write_sidecar
     from edgedeploy.runtime import cuda
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -326,7 +326,7 @@ def test_detector_on_tensorrt_with_gpu_preprocess_maps_boxes(tmp_path):
 @pytest.fixture(scope="module")
 def rtx_engine(tmp_path_factory):
     trt = pytest.importorskip("tensorrt_rtx_bindings")
-    from edgedeploy.engines.sidecar import read_sidecar, write_sidecar
+    from edgedeploy.models.artifact import read_sidecar, write_sidecar
 
     tmp = tmp_path_factory.mktemp("rtx")
     onnx_path, _ = make_classifier_onnx(tmp)
@@ -365,7 +365,7 @@ def test_truncated_real_plan_is_refused_with_tensorrts_reason(rtx_engine):
 def test_rtx_plan_with_other_version_is_refused_before_touching_the_gpu(rtx_engine, tmp_path):
     import shutil
 
-    from edgedeploy.engines.sidecar import read_sidecar, write_sidecar
+    from edgedeploy.models.artifact import read_sidecar, write_sidecar
     from edgedeploy.errors import EngineCompatibilityError
     from edgedeploy.runtime import load_engine
 

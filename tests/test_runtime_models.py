@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, write_sidecar
 
 # A pure-white pixel normalises to (1 - 0.485) / 0.229 = 2.25 in channel 0; padding (114) to -0.16, black to -2.1.
 BRIGHT = 1.5

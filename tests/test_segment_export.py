@@ -109,7 +109,7 @@ def test_sidecar_and_int8_exclusions(tmp_path):
 def test_tensorrt_rtx_builds_segmenter_at_non_divisible_sizes(tmp_path):
     from edgedeploy.engines.common import BuildRequest
     from edgedeploy.engines.rtx_builder import build
-    from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
+    from edgedeploy.models.artifact import ArtifactMeta, read_sidecar
 
     for argmax, hw in [(True, (250, 330)), (False, (513, 513))]:
         model, opts = _wrapped("lraspp_mobilenetv3_large", argmax=argmax)

@@ -1,6 +1,5 @@
 """Segmentation training: a tiny end-to-end run through the CLI entry point, checkpoints, resume, learning."""
 
-import argparse
 import json
 
 import numpy as np
@@ -45,13 +44,14 @@ def test_tiny_training_run_writes_loadable_checkpoints(data_home, monkeypatch):
         segment.train_segmentation(resume=str(out / "last.pt"), progress=False)
 
     # `deploy eval` on the best checkpoint reproduces the validation mIoU recorded during training
-    from edgedeploy.eval.segment import run_eval_cli
+    from edgedeploy.eval.request import EvalRequest
+    from edgedeploy.eval.segment import evaluate_artifact
+    from edgedeploy.models.artifact import describe_artifact
 
     scores_json = data_home / "scores.json"
-    ns = argparse.Namespace(weights=str(out / "best.pt"), artifact=None, model=None, data="synthetic", split="val",
-                            imgsz=None, batch_size=None, num_classes=None, device="cpu", json=str(scores_json),
-                            quiet=True)
-    assert run_eval_cli(ns) == 0
+    request = EvalRequest(describe_artifact(str(out / "best.pt")), data="synthetic", split="val", device="cpu",
+                          json=str(scores_json), quiet=True)
+    assert evaluate_artifact(request) == 0
     scores = json.loads(scores_json.read_text())
     best = torch.load(out / "best.pt", map_location="cpu", weights_only=False)["meta"]
     assert scores["miou"] == pytest.approx(best["miou"], abs=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edgedeploy.cli import main
-from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, write_sidecar
 from edgedeploy.engines.triton import PREPROCESS_MODEL_PY, write_triton_repo
 from edgedeploy.io import sha256_file
 

@@ -44,7 +44,7 @@ def _entry_for_artifact(path: str, args: argparse.Namespace):
     from pathlib import Path
 
     from edgedeploy.benchmarks.compare import CompareEntry
-    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.models.artifact import read_sidecar
     from edgedeploy.runtime.loader import engine_kind, load_engine
 
     meta = read_sidecar(path, required=False)
@@ -63,11 +63,12 @@ def _entry_for_artifact(path: str, args: argparse.Namespace):
 
 def _entry_for_model(args: argparse.Namespace, device: str | None = None, name: str | None = None):
     from edgedeploy.benchmarks.compare import CompareEntry
-    from edgedeploy.models.registry import create_model, get_model_info
+    from edgedeploy.models.artifact import describe_artifact
+    from edgedeploy.models.registry import create_model
     from edgedeploy.runtime.backends.torch import TorchEngine
 
-    info = get_model_info(name or args.model)
-    size = args.imgsz or info.imgsz
+    desc = describe_artifact(model=name or args.model, imgsz=args.imgsz)
+    info, size = desc.info, desc.imgsz
     device = device or args.device
     weights = args.weights if name in (None, args.model) else None
 
@@ -96,7 +97,7 @@ def gpu_entries(args: argparse.Namespace, entries: list) -> list:
     from pathlib import Path
 
     from edgedeploy.benchmarks.compare import CompareEntry
-    from edgedeploy.engines.sidecar import read_sidecar
+    from edgedeploy.models.artifact import read_sidecar
     from edgedeploy.runtime.backends import gpu_backend_status
     from edgedeploy.runtime.loader import device_index
 

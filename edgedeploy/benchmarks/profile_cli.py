@@ -40,13 +40,13 @@ def run(args: argparse.Namespace) -> int:
         profile = profile_onnx(args.onnx, imgsz=args.imgsz)
         label = args.onnx
     else:
-        from edgedeploy.models import create_model, get_model_info
+        from edgedeploy.models import create_model
+        from edgedeploy.models.artifact import describe_artifact
 
-        info = get_model_info(args.model)  # unknown names raise with the nearest matches
-        imgsz = args.imgsz or info.imgsz
-        model = create_model(info.name, num_classes=args.num_classes)
-        profile = profile_model(model, imgsz)
-        label = info.name
+        desc = describe_artifact(model=args.model, imgsz=args.imgsz)  # unknown names raise with the nearest matches
+        model = create_model(desc.model, num_classes=args.num_classes)
+        profile = profile_model(model, desc.imgsz)
+        label = desc.model
     if args.json:
         print(json.dumps({"model": label, **profile.to_dict(top=args.top)}, indent=2))
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, write_sidecar
 from edgedeploy.errors import EngineBuildError
 from edgedeploy.io import atomic_write_bytes, sha256_file
 

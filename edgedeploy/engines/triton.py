@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedeploy import options as opt
-from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.io import atomic_path, atomic_write_text, sha256_file
 from edgedeploy.runtime.engine import TensorSpec

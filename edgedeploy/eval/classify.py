@@ -18,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from edgedeploy.errors import CheckpointError, DatasetError, EdgeDeployError
 from edgedeploy.eval.predictors import PredictFn, artifact_predict_fn, select_device, torch_predict_fn
+from edgedeploy.eval.request import EvalRequest
+from edgedeploy.tasks import CLASSIFY
 
 
 def evaluate_classifier(
@@ -70,19 +72,17 @@ def load_classifier(
     weights: str | os.PathLike, model_name: str | None = None, num_classes: int | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a checkpoint: name, class count and model options (an official file's, e.g. timm
-    MobileNetV1's ReLU6) come from the checkpoint unless given."""
-    from edgedeploy.models.checkpoint import checkpoint_meta
+    MobileNetV1's ReLU6) come from the checkpoint unless given. Returns (model, the checkpoint's meta dict)."""
+    from edgedeploy.models.artifact import describe_artifact
     from edgedeploy.models.registry import create_model
 
     if not os.path.isfile(weights):
         raise CheckpointError(f"checkpoint not found: {weights}")
-    meta = checkpoint_meta(weights, model_name)  # ours, or what an official file says about itself
-    name = model_name or meta.get("model_name")
-    if not name:
+    desc = describe_artifact(weights, model=model_name, num_classes=num_classes)
+    if not desc.model:
         raise CheckpointError(f"{weights} does not record its model: pass --model NAME")
-    n = num_classes if num_classes is not None else meta.get("num_classes")
-    model = create_model(name, num_classes=n, weights=str(weights))  # builds with the file's model options
-    return model.eval(), meta
+    model = create_model(desc.model, num_classes=desc.num_classes, weights=str(weights))  # with the file's options
+    return model.eval(), desc.checkpoint.as_dict()
 
 
 def predictor_for_artifact(
@@ -98,3 +98,42 @@ def predictor_for_artifact(
         model, _ = load_classifier(path, model_name, num_classes)
         return model.to(select_device(device)), 64
     return artifact_predict_fn(path, model_name, batch=64)
+
+
+@CLASSIFY.provides("evaluator")
+def evaluate_artifact(request: EvalRequest) -> int:
+    """`deploy eval` for classifiers: top-1/top-5 (overall and per class) of the artifact on the val split."""
+    from edgedeploy.data.imagefolder import classification_datasets
+    from edgedeploy.io import atomic_write_json
+
+    desc, path, data = request.artifact, request.path, request.data
+    if desc.model is None:
+        raise EdgeDeployError(f"{path} does not record its model: pass --model NAME")
+    if request.split != "val":
+        raise EdgeDeployError("classification eval reads the val split of the dataset (--split val)")
+    saved = desc.data.get("train_args") or {}
+    num_classes = len(desc.class_names) if data == "synthetic" and desc.class_names else None
+    # open the artifact first: a corrupt file fails in a second, not after the dataset is read or generated
+    predict, batch = predictor_for_artifact(path, desc.model, desc.num_classes if desc.is_checkpoint else None,
+                                            request.device)
+    mean, std = desc.convention.unit_mean_std()
+    _, val, class_names, root = classification_datasets(
+        data, desc.imgsz, mean, std, num_classes=num_classes, seed=int(saved.get("seed", 0)), augment=False,
+        progress=not request.quiet,
+    )
+    if desc.class_names and list(desc.class_names) != list(class_names):
+        raise EdgeDeployError(
+            f"{path} was trained on classes {list(desc.class_names)}, but {root} has {class_names}: labels would "
+            "not line up"
+        )
+    scores = evaluate_classifier(predict, val, batch_size=request.batch or batch, workers=request.workers,
+                                 progress=not request.quiet)
+    print(
+        f"{Path(path).name} on {root} ({scores['n']} val images): top-1 {100 * scores['top1']:.2f}%  "
+        f"top-5 {100 * scores['top5']:.2f}%"
+    )
+    for label, acc in scores["per_class_top1"].items():
+        print(f"  {class_names[label]:<20} {100 * acc:6.2f}%")
+    if request.json:
+        atomic_write_json(request.json, {"artifact": str(path), "data": str(root), **scores})
+    return 0

@@ -24,7 +24,9 @@ import numpy as np
 
 from edgedeploy.data.yolo_format import DetectionDataset
 from edgedeploy.errors import CheckpointError, EdgeDeployError
-from edgedeploy.eval.predictors import EVAL_CONF, EVAL_IOU, EVAL_MAX_DET, PredictFn, engine_detect_fn, torch_detect_fn
+from edgedeploy.eval.predictors import PredictFn, engine_detect_fn, torch_detect_fn
+from edgedeploy.eval.request import EvalRequest
+from edgedeploy.tasks import DETECT
 
 # The 12 numbers COCOeval.summarize() prints, in order.
 COCO_STAT_NAMES = (
@@ -232,53 +234,16 @@ def plot_pr_curve(ev, names: Sequence[str], path: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def read_detector_meta(artifact: str | os.PathLike) -> dict[str, Any]:
-    """model_name, imgsz, class_names ... from a checkpoint's meta or an exported artifact's sidecar."""
-    from edgedeploy.models.checkpoint import checkpoint_meta
-
-    artifact = Path(artifact)
-    if artifact.suffix.lower() in (".pt", ".pth", ".ckpt"):
-        return checkpoint_meta(artifact)
-    from edgedeploy.engines.sidecar import read_sidecar
-
-    side = read_sidecar(artifact, required=False)
-    if side is None:
-        return {}
-    shape = side.input_shape
-    imgsz = shape[-1] if shape and isinstance(shape[-1], int) else None
-    return {"model_name": side.model, "class_names": list(side.class_names), "imgsz": imgsz, "task": side.task,
-            "mean": list(side.mean), "std": list(side.std), "preprocess": side.convention().to_dict()}
-
-
-def check_family(meta: dict[str, Any], model_name: str, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint of another detector before its keys are compared (clearer than 300 missing keys)."""
-    from edgedeploy.models.registry import get_model_info
-
-    saved = meta.get("model_name")
-    if not saved:
-        return
-    want, have = get_model_info(model_name), get_model_info(saved)
-    if want.name != have.name:
-        hint = (
-            f"it is a {have.family} checkpoint and {model_name} is a {want.family} model: the two YOLO families do "
-            "not share weights" if want.family != have.family else "a different size of the same family"
-        )
-        raise CheckpointError(f"{path} was trained as {have.name}, not {want.name} ({hint}). Pass --model {have.name}.")
-
-
 def load_detector(path: str | os.PathLike, model_name: str | None = None, num_classes: int | None = None):
-    """A detector rebuilt from our checkpoint (EMA weights), model and class count taken from its meta."""
-    from edgedeploy.models.checkpoint import checkpoint_meta, load_weights
+    """A detector rebuilt from our checkpoint (EMA weights), model and class count taken from its meta (a
+    checkpoint of another detector than `model_name` is refused by name)."""
+    from edgedeploy.models.artifact import describe_artifact
     from edgedeploy.models.registry import create_model
 
-    meta = checkpoint_meta(path)
-    model_name = model_name or meta.get("model_name")
-    if not model_name:
+    desc = describe_artifact(path, model=model_name)
+    if not desc.model:
         raise CheckpointError(f"{path} does not say which model it belongs to: pass --model NAME")
-    check_family(meta, model_name, path)
-    num_classes = int(meta.get("num_classes") or num_classes or 80)
-    model = create_model(model_name, num_classes=num_classes)
-    load_weights(model, path)
+    model = create_model(desc.model, num_classes=int(desc.num_classes or num_classes or 80), weights=str(path))
     return model.eval()
 
 
@@ -286,86 +251,60 @@ def load_detector(path: str | os.PathLike, model_name: str | None = None, num_cl
 
 
 def add_detect_eval_arguments(parser) -> None:
-    """Detection flags for `deploy eval` (only those the parser does not define already)."""
+    """Detection flags for `deploy eval` (defaults: `options.EVAL_NMS`, low thresholds for mAP)."""
     from edgedeploy import options as opt
 
-    have = set(parser._option_string_actions)
-    for flags, kw in (
-        (("--conf-thres",), {"type": opt.CONF_THRES.arg, "default": EVAL_CONF, "help": "detect: score threshold before NMS (mAP: keep low)"}),
-        (("--iou-thres",), {"type": opt.IOU_THRES.arg, "default": EVAL_IOU, "help": "detect: NMS IoU threshold"}),
-        (("--max-det",), {"type": opt.MAX_DET.arg, "default": EVAL_MAX_DET, "help": "detect: detections kept per image"}),
-        (("--out",), {"default": None, "help": "detect: folder for pr_curve.png and eval_<artifact>.json (default: beside the artifact)"}),
-        (("--split",), {"default": "val", "help": "dataset split to evaluate"}),
-    ):
-        if not any(f in have for f in flags):
-            parser.add_argument(*flags, **kw)
+    nms = opt.EVAL_NMS
+    parser.add_argument("--conf-thres", type=opt.CONF_THRES.arg, default=nms.conf_thres,
+                        help="detect: score threshold before NMS (mAP: keep low)")
+    parser.add_argument("--iou-thres", type=opt.IOU_THRES.arg, default=nms.iou_thres, help="detect: NMS IoU threshold")
+    parser.add_argument("--max-det", type=opt.MAX_DET.arg, default=nms.max_det, help="detect: detections kept per image")
+    parser.add_argument("--out", default=None,
+                        help="detect: folder for pr_curve.png and eval_<artifact>.json (default: beside the artifact)")
 
 
-def run_eval_cli(args) -> int:
-    """`deploy eval` for detectors (called by edgedeploy.eval.cli with its namespace): ARTIFACT (.pt
-    checkpoint, .onnx, .engine) on --data (YOLO/COCO folder, or `synthetic`: regenerated as recorded at training).
-    Prints the COCO summary and per-class AP; writes pr_curve.png beside the artifact and --json if given.
-    """
-    from edgedeploy.io import atomic_write_json
-    from edgedeploy.models.registry import get_model_info
+@DETECT.provides("evaluator")
+def evaluate_artifact(request: EvalRequest) -> int:
+    """`deploy eval` for detectors: a .pt checkpoint, .onnx or .engine on request.data (YOLO/COCO folder, or
+    `synthetic`: regenerated as recorded at training). Prints the COCO summary and per-class AP; writes
+    pr_curve.png into request.out (default: beside the artifact), and the scores to request.json (or
+    out/eval_<artifact>.json when out is given)."""
     from edgedeploy.data.sources import open_detection_data
     from edgedeploy.eval.predictors import select_device
+    from edgedeploy.io import atomic_write_json
 
-    artifact = Path(_first_attr(args, ("artifact", "weights", "onnx", "engine")) or "")
-    if not str(artifact) or not artifact.exists():
-        raise EdgeDeployError(f"nothing to evaluate: {artifact or '(no path given)'} does not exist")
-    conf = float(getattr(args, "conf_thres", EVAL_CONF))
-    iou = float(getattr(args, "iou_thres", EVAL_IOU))
-    max_det = int(getattr(args, "max_det", EVAL_MAX_DET))
-    progress = not getattr(args, "quiet", False)
-    meta = {**(getattr(args, "recorded_meta", None) or {}), **read_detector_meta(artifact)}
-    model_name = getattr(args, "model", None) or meta.get("model_name")
-    info = get_model_info(model_name) if model_name else None
-    imgsz = int(getattr(args, "imgsz", None) or meta.get("imgsz") or (info.imgsz if info else 0))
-    if not imgsz:
+    desc, nms = request.artifact, request.nms
+    artifact = Path(request.path)
+    if not desc.imgsz:
         raise EdgeDeployError(f"cannot tell the input size of {artifact.name}: pass --imgsz")
-    data = getattr(args, "data", None) or meta.get("data") or "synthetic"
-    dataset = open_detection_data(data, getattr(args, "split", None) or "val", imgsz, meta.get("synthetic"))
+    dataset = open_detection_data(request.data, request.split, desc.imgsz, desc.data.get("synthetic"))
     print(f"{dataset.layout or dataset.format}: {dataset.summary()}")
-    trained = meta.get("class_names")
-    if trained and list(trained) != list(dataset.names):
+    if desc.class_names and list(desc.class_names) != list(dataset.names):
         raise EdgeDeployError(
-            f"{artifact.name} was trained on classes {list(trained)}, but the dataset has {dataset.names}: labels would not line up"
+            f"{artifact.name} was trained on classes {list(desc.class_names)}, but the dataset has {dataset.names}: "
+            "labels would not line up"
         )
 
-    if artifact.suffix.lower() in (".pt", ".pth", ".ckpt"):
-        device = select_device(getattr(args, "device", None))
-        model = load_detector(artifact, model_name, num_classes=getattr(args, "num_classes", None) or len(dataset.names))
-        predict = torch_detect_fn(model.to(device), device, conf, iou, max_det)
+    if desc.is_checkpoint:
+        device = select_device(request.device)
+        model = load_detector(artifact, desc.model, num_classes=desc.num_classes or len(dataset.names))
+        predict = torch_detect_fn(model.to(device), device, nms.conf_thres, nms.iou_thres, nms.max_det)
     else:
         from edgedeploy.runtime.loader import load_engine
 
-        predict = engine_detect_fn(load_engine(artifact), conf, iou, max_det)
-    mean = meta.get("mean") or (info.mean if info else (0.0, 0.0, 0.0))
-    std = meta.get("std") or (info.std if info else (1.0, 1.0, 1.0))
-    from edgedeploy.data.preprocess import InputConvention
-
-    convention = InputConvention.from_dict(meta["preprocess"]) if meta.get("preprocess") else None
-    out_dir = Path(getattr(args, "out", None) or artifact.parent)
-    batch = int(getattr(args, "batch", None) or 8)
+        predict = engine_detect_fn(load_engine(artifact), nms.conf_thres, nms.iou_thres, nms.max_det)
+    conv = desc.convention
+    mean, std = conv.unit_mean_std() if conv is not None else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     metrics = evaluate_detector(
-        predict, dataset, imgsz, mean=mean, std=std, batch_size=batch, num_workers=int(getattr(args, "workers", 0) or 0),
-        out_dir=out_dir, progress=progress, convention=convention,
+        predict, dataset, desc.imgsz, mean=mean, std=std, batch_size=request.batch or 8, num_workers=request.workers,
+        out_dir=Path(request.out or artifact.parent), progress=not request.quiet, convention=conv,
     )  # fmt: skip
     print(metrics.class_table())
     print(
         f"{artifact.name} on {dataset.root} ({metrics.num_images} {dataset.split} images): mAP@.5 {metrics.map50:.4f}  "
         f"mAP@.5:.95 {metrics.map:.4f}  ({metrics.seconds:.1f} s)  PR curve: {metrics.pr_curve}"
     )
-    json_path = getattr(args, "json", None) or (Path(args.out) / f"eval_{artifact.stem}.json" if getattr(args, "out", None) else None)
+    json_path = request.json or (Path(request.out) / f"eval_{artifact.stem}.json" if request.out else None)
     if json_path:
         atomic_write_json(json_path, {"artifact": str(artifact), "data": str(dataset.root), **metrics.as_dict()})
     return 0
-
-
-def _first_attr(obj, names: Sequence[str]):
-    for n in names:
-        v = getattr(obj, n, None)
-        if v:
-            return v
-    return None

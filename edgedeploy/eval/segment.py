@@ -8,7 +8,6 @@ bilinearly, class ids nearest), as torchvision's reference evaluates.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -19,6 +18,8 @@ import torch.nn.functional as F
 
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.eval.predictors import PredictFn  # (N, 3, H, W) float32 -> logits (N, C, h, w) or ids (N, h, w)
+from edgedeploy.eval.request import EvalRequest
+from edgedeploy.tasks import SEGMENT
 
 
 def confusion_matrix(
@@ -179,84 +180,55 @@ def evaluate_segmenter(
 # --------------------------------------------------------------------------------------------------- CLI
 
 
-def run_eval_cli(args: argparse.Namespace) -> int:
+@SEGMENT.provides("evaluator")
+def evaluate_artifact(request: EvalRequest) -> int:
     """`deploy eval` for segmentation: a checkpoint, ONNX file or engine on a VOC-style set (or `synthetic`).
-
-    Reads the namespace edgedeploy.eval.cli builds (artifact/weights, model, data, split, imgsz,
-    batch_size, num_classes, device, json, quiet); the class list, input size and ignore index default to what
-    the checkpoint or the export sidecar recorded.
-    """
+    The class list, input size and ignore index come from the request's artifact description (given, else
+    what the checkpoint or the export sidecar recorded)."""
     from pathlib import Path
 
     from edgedeploy.data.voc import open_segmentation_data
     from edgedeploy.io import atomic_write_json
 
-    path = str(getattr(args, "weights", None) or getattr(args, "artifact", None) or "")
-    if not path:
-        raise EdgeDeployError("deploy eval: give a checkpoint (.pt), ONNX file or engine to evaluate")
-    if not Path(path).exists():
-        raise EdgeDeployError(f"nothing to evaluate: {path} does not exist")
-    model_name = getattr(args, "model", None)
-    imgsz = getattr(args, "imgsz", None)
-    num_classes = getattr(args, "num_classes", None)
-    ignore_index = getattr(args, "ignore_index", None)
-    class_names: list[str] | None = None
-    batch = getattr(args, "batch_size", None)
-    data = getattr(args, "data", None) or "synthetic"
-    if Path(path).suffix.lower() in (".pt", ".pth", ".ckpt"):
-        from edgedeploy.models.checkpoint import read_checkpoint
+    desc, path, data = request.artifact, request.path, request.data
+    class_names = list(desc.class_names) or None
+    if desc.is_checkpoint:
         from edgedeploy.eval.predictors import select_device, torch_predict_fn
         from edgedeploy.models.registry import create_model
 
-        meta = read_checkpoint(path).get("meta") or {}
-        model_name = model_name or meta.get("model_name")
-        if not model_name:
+        if not desc.model:
             raise EdgeDeployError(f"{path} does not record its model: pass --model (e.g. lraspp_mobilenetv3)")
-        num_classes = num_classes or meta.get("num_classes")
-        class_names = meta.get("class_names") or None
-        imgsz = imgsz or meta.get("imgsz")
-        ignore_index = ignore_index if ignore_index is not None else meta.get("ignore_index")
-        synthetic = (meta.get("train_args") or {}).get("synthetic")
-        model = create_model(model_name, num_classes=num_classes, weights=path)
-        imgsz = imgsz or model.model_info.imgsz
-        predict, default_batch = torch_predict_fn(model, select_device(getattr(args, "device", "auto"))), 8
+        synthetic = (desc.data.get("train_args") or {}).get("synthetic")
+        model = create_model(desc.model, num_classes=desc.num_classes, weights=path)
+        predict, default_batch = torch_predict_fn(model, select_device(request.device)), 8
     else:
-        from edgedeploy.engines.sidecar import read_sidecar
         from edgedeploy.eval.predictors import artifact_predict_fn
 
-        side = read_sidecar(path, required=False)
-        recorded = getattr(args, "recorded_meta", None) or {}  # the sidecar's data fields, read by `deploy eval`
-        synthetic = recorded.get("synthetic")
-        if side is not None:
-            last = side.input_shape[-1]
-            imgsz = imgsz or (int(last) if isinstance(last, int) else None)
-            class_names = list(side.class_names) or None
-            recorded_ignore = (side.postprocess or {}).get("ignore_index")
-            ignore_index = ignore_index if ignore_index is not None else recorded_ignore
-        predict, default_batch = artifact_predict_fn(path, model_name)
-    if not imgsz:
+        synthetic = desc.data.get("synthetic")
+        predict, default_batch = artifact_predict_fn(path, desc.model)
+    if not desc.imgsz:
         raise EdgeDeployError("pass --imgsz: the input size is not recorded beside the artifact")
+    imgsz = int(desc.imgsz)
     dataset = open_segmentation_data(
         data,
-        split=getattr(args, "split", "val") or "val",
-        imgsz=int(imgsz),
+        split=request.split,
+        imgsz=imgsz,
         train=False,
-        num_classes=None if class_names else num_classes,
+        num_classes=None if class_names else desc.num_classes,
         class_names=class_names,
-        ignore_index=255 if ignore_index is None else int(ignore_index),
-        synthetic_kwargs={**(synthetic or {}), "imgsz": int(imgsz)} if data == "synthetic" else None,
+        ignore_index=255 if desc.ignore_index is None else desc.ignore_index,
+        synthetic_kwargs={**(synthetic or {}), "imgsz": imgsz} if data == "synthetic" else None,
     )
     if class_names and dataset.own_class_names and list(dataset.own_class_names) != list(class_names):
         raise EdgeDeployError(
             f"{path} was trained on classes {list(class_names)}, but {dataset.root} lists {dataset.own_class_names}: "
             "labels would not line up. Evaluate on the dataset the model was trained on (or fix its classes.txt)"
         )
-    print(f"{dataset.layout}: {len(dataset)} {getattr(args, 'split', 'val')} images, ignore index {dataset.ignore_index}")
-    scores = evaluate_segmenter(predict, dataset, batch_size=batch or default_batch,
-                                progress=not getattr(args, "quiet", False))
-    print(f"{Path(path).name} on {data} ({len(dataset)} {getattr(args, 'split', 'val')} images)")
+    print(f"{dataset.layout}: {len(dataset)} {request.split} images, ignore index {dataset.ignore_index}")
+    scores = evaluate_segmenter(predict, dataset, batch_size=request.batch or default_batch, progress=not request.quiet)
+    print(f"{Path(path).name} on {data} ({len(dataset)} {request.split} images)")
     print(scores.table())
     print(f"mIoU {100 * scores.miou:.2f}  pixel acc {100 * scores.pixel_acc:.2f}  mean acc {100 * scores.mean_acc:.2f}")
-    if getattr(args, "json", None):
-        atomic_write_json(Path(args.json), {"artifact": path, "data": str(data), **scores.as_dict()})
+    if request.json:
+        atomic_write_json(Path(request.json), {"artifact": path, "data": str(data), **scores.as_dict()})
     return 0

@@ -80,9 +80,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _model_from_checkpoint(weights: str | None) -> str:
     if not weights:
         raise EdgeDeployError("say what to export: --model NAME (see `deploy models`) and/or --weights CHECKPOINT")
-    from edgedeploy.models.checkpoint import checkpoint_meta
+    from edgedeploy.models.checkpoint import read_checkpoint_meta
 
-    name = checkpoint_meta(weights).get("model_name")  # ours, or the variant an official checkpoint is
+    name = read_checkpoint_meta(weights).model_name  # ours, or the variant an official checkpoint is
     if not name:
         raise EdgeDeployError(f"{weights} does not name its model (not a `deploy train` checkpoint): add --model NAME")
     return str(name)
@@ -110,6 +110,13 @@ def task_options(args: argparse.Namespace, task: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgedeploy.models.checkpoint import reading_once
+
+    with reading_once():  # --weights is read from disk once (model name, meta, weights)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from edgedeploy.export.pipeline import export
     from edgedeploy.export.report import REPORT_NAME
 

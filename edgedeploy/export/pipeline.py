@@ -8,7 +8,6 @@ every artifact whose key and file are unchanged (`force=True` rebuilds all).
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgedeploy.engines.sidecar import ArtifactMeta, write_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, write_sidecar
 from edgedeploy.errors import BuilderUnavailableError, EdgeDeployError, EngineBuildError, ParityError
 from edgedeploy.export.options import BUILDERS, ExportOptions
 from edgedeploy.export.parity import (ParityResult, add_probe_outputs, engine_runner, figure as parity_figure,
@@ -165,13 +164,15 @@ class _Exporter:
         self.log = log
         self.info = get_model_info(options.model)
         self.adapter: TaskAdapter = get_task_adapter(self.info.task)
-        from edgedeploy.options import check_imgsz
+        from edgedeploy.models.artifact import describe_artifact
 
-        self.imgsz = check_imgsz(options.imgsz or self._checkpoint_meta(options.weights, self.info.name).get("imgsz")
-                                 or self.info.imgsz, self.adapter.imgsz_multiple, batch=options.batch_shape[2],
-                                 who=f"{self.info.task} models")
+        # the checkpoint's meta (ours: num_classes, class_names, imgsz; official: source, input convention, class
+        # count) gives the defaults; the image size is validated against the task's stride multiple here
+        self.described = describe_artifact(options.weights, model=self.info.name, imgsz=options.imgsz,
+                                           multiple=self.adapter.imgsz_multiple, batch=options.batch_shape[2])
+        self.imgsz = int(self.described.imgsz)
         self.name = self.info.name
-        self.ckpt_meta = self._checkpoint_meta(options.weights, self.info.name)
+        self.ckpt_meta = self.described.checkpoint.as_dict() if self.described.checkpoint else {}
         self._apply_input_convention()
         self._class_names = [str(c) for c in self.ckpt_meta.get("class_names") or []]
         self._resolve_data_sources()
@@ -315,21 +316,6 @@ class _Exporter:
             return Path(synthetic_detection_dataset(**self.ckpt_meta["synthetic"]))
         root = Path(data) if data else None
         return root if root is not None and (root / "images").is_dir() else None
-
-    @staticmethod
-    @functools.lru_cache(maxsize=4)
-    def _checkpoint_meta_cached(weights: str, model_name: str, mtime: float) -> dict[str, Any]:
-        from edgedeploy.models.checkpoint import checkpoint_meta
-
-        return checkpoint_meta(weights, model_name)
-
-    def _checkpoint_meta(self, weights: str | None, model_name: str) -> dict[str, Any]:
-        """Our training checkpoints record num_classes, class_names and imgsz: use them as defaults. Official
-        checkpoints give their source, input convention, class count (and names, when the file has them)."""
-        if not weights:
-            return {}
-        mtime = os.path.getmtime(weights) if os.path.isfile(weights) else 0.0
-        return dict(self._checkpoint_meta_cached(str(weights), model_name, mtime))
 
     def _apply_input_convention(self) -> None:
         """The input convention travels with the weights: an official checkpoint's (or one fine-tuned from it),

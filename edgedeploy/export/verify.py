@@ -55,7 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _read_meta(path: Path):
     """(sidecar, whether it is the artifact's own: its onnx_sha256 then describes this file)."""
-    from edgedeploy.engines.sidecar import read_sidecar, sidecar_path
+    from edgedeploy.models.artifact import read_sidecar, sidecar_path
 
     side = sidecar_path(path)
     if not side.exists() and path.name.endswith(".raw.onnx"):  # the raw export shares the simplified one's model
@@ -110,10 +110,9 @@ def _engine_runner(path: Path) -> Callable[[np.ndarray], list[np.ndarray]]:
 
 
 def _check_weights(weights: str, model: str) -> None:
-    from edgedeploy.models.checkpoint import read_checkpoint
+    from edgedeploy.models.checkpoint import read_checkpoint_meta
 
-    meta = read_checkpoint(weights).get("meta")
-    name = (meta or {}).get("model_name") if isinstance(meta, dict) else None
+    name = read_checkpoint_meta(weights).model_name
     if name:
         from edgedeploy.models.registry import get_model_info
 

@@ -12,17 +12,22 @@ Nothing in a file runs code: plain tensor pickles load with `weights_only=True`;
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import logging
 import os
 import pickle
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 
 from edgedeploy.errors import CheckpointError
+from edgedeploy.io import file_key
 
 
 def _numpy_scalar_globals() -> list[Any]:
@@ -47,12 +52,44 @@ def _numpy_scalar_globals() -> list[Any]:
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
+_READ_ONCE: dict[tuple, dict[str, Any]] | None = None  # file_key -> checkpoint, inside `reading_once()`
+
+
+@contextlib.contextmanager
+def reading_once() -> Iterator[None]:
+    """Within this block (one CLI command) each checkpoint file version is read from disk once; callers get
+    their own dicts and lists (tensors are shared: load them into a model, do not change them in place)."""
+    global _READ_ONCE
+    outer, _READ_ONCE = _READ_ONCE, ({} if _READ_ONCE is None else _READ_ONCE)
+    try:
+        yield
+    finally:
+        _READ_ONCE = outer
+
+
+def _fresh(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return type(obj)((k, _fresh(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_fresh(v) for v in obj]
+    return obj
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint without running code from it: `torch.load(weights_only=True)` (plus numpy scalars and
     argparse.Namespace); a pickle needing more goes to `safe_pickle.restricted_load`, whose allow-list refuses
     anything that could run code (a pickle calling os.system is refused before any of it runs)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if _READ_ONCE is None:
+        return _read_checkpoint(path)
+    key = file_key(path)
+    if key not in _READ_ONCE:
+        _READ_ONCE[key] = _read_checkpoint(path)
+    return _fresh(_READ_ONCE[key])
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     from edgedeploy.models.weights_file import _looks_like_safetensors, read_weights_file
 
     if _looks_like_safetensors(os.fspath(path)):  # timm / hub exports
@@ -215,19 +252,73 @@ def _fits(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> bool:
     return set(own) == set(sd) and all(own[k].shape == sd[k].shape for k in own)
 
 
-def checkpoint_meta(path: str | os.PathLike, model_name: str | None = None) -> dict[str, Any]:
-    """Metadata of a checkpoint without building the model: ours (`meta`) or, for an official file, its source,
-    input convention, class count and variant. `model_name` None: any variant of an official family."""
-    ckpt = read_checkpoint(path)
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a checkpoint says about itself, typed: ours (`meta` written by `deploy train`) or, for an official
+    file, its source, input convention, variant and class count. Frozen; `as_dict()` gives a private copy."""
+
+    model_name: str | None = None
+    task: str | None = None
+    imgsz: int | None = None
+    num_classes: int | None = None
+    class_names: tuple[str, ...] = ()
+    preprocess: Mapping[str, Any] = field(default_factory=dict)  # InputConvention fields (official files)
+    source: str = ""  # e.g. "megvii-yolox" for an official checkpoint
+    data: str | None = None  # the training data (absolute path, or "synthetic")
+    data_as_typed: str | None = None
+    synthetic: Mapping[str, Any] | None = None  # the synthetic set's generator parameters
+    ignore_index: int | None = None
+    train_args: Mapping[str, Any] = field(default_factory=dict)
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)  # the meta dict as stored
+
+    @classmethod
+    def from_dict(cls, meta: Mapping[str, Any]) -> "CheckpointMeta":
+        m = copy.deepcopy(dict(meta))
+        imgsz, nc = m.get("imgsz"), m.get("num_classes")
+
+        def ro(key: str) -> Mapping[str, Any]:
+            return MappingProxyType(dict(m.get(key) or {}))
+
+        return cls(
+            model_name=m.get("model_name") or None, task=m.get("task") or None,
+            imgsz=int(imgsz) if imgsz else None, num_classes=int(nc) if nc else None,
+            class_names=tuple(str(c) for c in m.get("class_names") or ()), preprocess=ro("preprocess"),
+            source=str(m.get("source") or ""), data=str(m["data"]) if m.get("data") else None,
+            data_as_typed=m.get("data_as_typed") or None, synthetic=ro("synthetic") if m.get("synthetic") else None,
+            ignore_index=m.get("ignore_index"), train_args=ro("train_args"), model_kwargs=ro("model_kwargs"),
+            notes=tuple(m.get("notes") or ()), raw=MappingProxyType(m))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stored meta dict (a copy the caller may change)."""
+        return copy.deepcopy(dict(self.raw))
+
+
+_META_CACHE: "OrderedDict[tuple, CheckpointMeta]" = OrderedDict()
+
+
+def read_checkpoint_meta(path: str | os.PathLike, model_name: str | None = None) -> CheckpointMeta:
+    """The one reader of a checkpoint's metadata, without building the model: ours, or for an official file what
+    its layout says (`model_name` None: any variant of an official family). Cached per file version."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    key = (*file_key(path), model_name or "")
+    if key not in _META_CACHE:
+        _META_CACHE[key] = CheckpointMeta.from_dict(_meta_dict(read_checkpoint(path), model_name))
+        while len(_META_CACHE) > 16:
+            _META_CACHE.popitem(last=False)
+    return _META_CACHE[key]
+
+
+def _meta_dict(ckpt: Mapping[str, Any], model_name: str | None) -> dict[str, Any]:
     meta = ckpt.get("meta")
     if isinstance(meta, dict):
-        return dict(meta)
+        return meta
     from edgedeploy.models.official import convert_official
 
     conv = convert_official(ckpt, model_name or "")
-    if conv is None:
-        return {}
-    return _official_meta(conv)
+    return {} if conv is None else _official_meta(conv)
 
 
 def apply_weights(model: nn.Module, weights: Weights) -> dict[str, Any]:

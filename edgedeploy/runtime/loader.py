@@ -89,11 +89,9 @@ def load_engine(
     """Open an artifact with the backend its extension implies (or `backend`).
 
     `.engine` -> TensorRT (sidecar checked first), `.onnx` -> ONNX Runtime, `.pt` -> PyTorch (registry model
-    `model`, or the sidecar's `model` field; `num_classes`/`imgsz` when no sidecar gives them).
+    `model`, or what the checkpoint or its sidecar records; `num_classes`/`imgsz` override the recorded values and
+    are validated by `models.artifact.describe_artifact`).
     """
-    from edgedeploy.options import IMGSZ, NUM_CLASSES
-
-    num_classes, imgsz = NUM_CLASSES.check_optional(num_classes, "num_classes"), IMGSZ.check_optional(imgsz, "imgsz")
     path = Path(path)
     if not path.exists():
         raise EdgeDeployError(f"{path} does not exist")

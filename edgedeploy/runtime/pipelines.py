@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgedeploy.data.preprocess import letterbox_geometry
-from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError, InputError
 from edgedeploy.runtime.engine import DYNAMIC, Engine
 from edgedeploy.runtime.loader import load_engine

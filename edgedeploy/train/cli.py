@@ -106,11 +106,11 @@ def build_config(args: argparse.Namespace, task: str):
 
 
 def _model_from_checkpoint(path: str | Path) -> str | None:
-    from edgedeploy.models.checkpoint import read_checkpoint
+    from edgedeploy.models.checkpoint import read_checkpoint_meta
 
     path = Path(path)
     path = path / "last.pt" if path.is_dir() else path
-    return (read_checkpoint(path).get("meta") or {}).get("model_name")
+    return read_checkpoint_meta(path).model_name
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,13 +32,6 @@ def synthetic_params(cfg: DetectConfig, imgsz: int) -> dict[str, Any]:
             "num_classes": int(cfg.num_classes or len(SHAPES))}
 
 
-def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """Our checkpoint's meta, or for an official checkpoint its source, variant, classes and input convention."""
-    from edgedeploy.models.checkpoint import checkpoint_meta as _meta
-
-    return _meta(path)
-
-
 def load_finetune_weights(model, resolved, path) -> None:
     """Load resolved weights for fine-tuning. When only the class-dependent prediction layers of the head differ in
     shape (another class count), those are kept freshly initialised, loudly; any other mismatch is an error."""
@@ -133,12 +126,11 @@ class DetectSpec(TaskSpec):
         from edgedeploy.data.detect_augment import DetectionTrainSet, collate_detection
         from edgedeploy.data.preprocess import InputConvention
         from edgedeploy.data.sources import open_detection_data
-        from edgedeploy.eval.detect import check_family
+        from edgedeploy.models.artifact import check_family, imgsz_multiple
+        from edgedeploy.options import check_imgsz
 
         cfg, info = self.cfg, self.info
-        if cfg.imgsz % 32:
-            raise EdgeDeployError(f"--imgsz {cfg.imgsz}: detectors need a multiple of 32 (stride of the last level); "
-                                  f"try {round(cfg.imgsz / 32) * 32}")
+        check_imgsz(cfg.imgsz, imgsz_multiple("detect"), who="detectors (stride of the last level)")
         self.synthetic = synthetic_params(cfg, cfg.imgsz)
         self.train_ds = open_detection_data(cfg.data, "train", cfg.imgsz, self.synthetic)
         self.val_ds = open_detection_data(cfg.data, "val", cfg.imgsz, self.synthetic)
@@ -156,7 +148,9 @@ class DetectSpec(TaskSpec):
         if cfg.weights:  # official weights keep their input convention (and so does the export)
             from edgedeploy.models.checkpoint import resolve_weights
 
-            check_family(checkpoint_meta(cfg.weights), info.name, cfg.weights)
+            from edgedeploy.models.checkpoint import read_checkpoint_meta
+
+            check_family(read_checkpoint_meta(cfg.weights).model_name, info.name, cfg.weights)
             self.resolved = resolve_weights(cfg.weights, info.name, model=self.model)
             load_finetune_weights(self.model, self.resolved, cfg.weights)
             if self.resolved.meta.get("preprocess"):

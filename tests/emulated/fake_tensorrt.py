@@ -229,7 +229,7 @@ def install(monkeypatch) -> types.ModuleType:
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, max_batch: int = 4, fp16_io: bool = False,
                  compute_capability: str = "8.7") -> Path:
     """Write an emulated plan (header + ONNX) and the sidecar the runtime checks (builder, version, GPU)."""
-    from edgedeploy.engines.sidecar import read_sidecar, write_sidecar
+    from edgedeploy.models.artifact import read_sidecar, write_sidecar
 
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     head = json.dumps({"max_batch": max_batch, "fp16_io": fp16_io, "compute_capability": compute_capability,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgedeploy.engines.sidecar import ArtifactMeta, read_sidecar
+from edgedeploy.models.artifact import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError, EngineCompatibilityError
 from edgedeploy.runtime import cuda
 from edgedeploy.runtime.engine import DYNAMIC, Capabilities, Engine, TensorSpec, Timing

@@ -82,28 +82,16 @@ class TorchEngine(Engine):
     def from_checkpoint(cls, path: str | os.PathLike, *, model: str | None = None, device: str | None = None,
                         imgsz: int | None = None, num_classes: int | None = None,
                         cuda_graph: bool = False) -> "TorchEngine":
-        """Build the registry model `model` (or the sidecar's) and load the checkpoint at `path` into it."""
-        from edgedeploy.engines.sidecar import read_sidecar
-        from edgedeploy.models.registry import create_model, get_model_info
+        """Build the registry model `model` (else the one the checkpoint or its sidecar names) and load the
+        checkpoint at `path` into it; class count and input size default to what the artifact records."""
+        from edgedeploy.models.artifact import describe_artifact
+        from edgedeploy.models.registry import create_model
 
-        meta = read_sidecar(path, required=False)
-        name = model or (meta.model if meta else None)
-        if meta is None and str(path).endswith((".pt", ".pth")):
-            # a `deploy train` checkpoint names its model, class count and input size itself
-            from edgedeploy.models.checkpoint import read_checkpoint
-
-            trained = read_checkpoint(path).get("meta") or {}
-            name = name or trained.get("model_name")
-            num_classes = num_classes if num_classes is not None else trained.get("num_classes")
-            imgsz = imgsz or trained.get("imgsz")
-        if not name:
+        desc = describe_artifact(path, model=model, imgsz=imgsz, num_classes=num_classes)
+        if not desc.model:
             raise EdgeDeployError(f"{Path(path).name}: a checkpoint needs --model NAME (no sidecar names the model)")
-        info = get_model_info(name)
-        if num_classes is None and meta and meta.class_names:
-            num_classes = len(meta.class_names)
-        net = create_model(name, num_classes=num_classes, weights=str(path))
-        size = imgsz or (int(meta.input_shape[-1]) if meta else info.imgsz)
-        return cls(net, input_shape=(DYNAMIC, 3, size, size), device=device, cuda_graph=cuda_graph)
+        net = create_model(desc.model, num_classes=desc.num_classes, weights=str(path))
+        return cls(net, input_shape=(DYNAMIC, 3, desc.imgsz, desc.imgsz), device=device, cuda_graph=cuda_graph)
 
     # ---- device path ----------------------------------------------------------------------------------------
     def infer_torch(self, x) -> dict[str, Any]:
