@@ -250,8 +250,9 @@ def describe_artifact(
     task = info.task if info is not None else recorded_task
 
     side_size = side.input_shape[-1] if side and side.input_shape and isinstance(side.input_shape[-1], int) else None
-    size = imgsz or (ck.imgsz if ck else None) or (None if side_size else info.imgsz if info is not None else None)
-    if size:  # given, trained at or the registry's: checked; a built artifact's recorded size is a fact about it
+    size = imgsz if imgsz is not None else (
+        (ck.imgsz if ck else None) or (None if side_size else info.imgsz if info is not None else None))
+    if size is not None:  # given, trained at or the registry's: checked; a built artifact's recorded size is a fact about it
         size = opt.check_imgsz(size, imgsz_multiple(task) if multiple is None else multiple, batch=batch,
                                who=f"{task} models" if task else "this model")
     size = size or side_size
