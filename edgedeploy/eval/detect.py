@@ -258,7 +258,8 @@ def add_detect_eval_arguments(parser) -> None:
     parser.add_argument("--conf-thres", type=opt.CONF_THRES.arg, default=nms.conf_thres,
                         help="detect: score threshold before NMS (mAP: keep low)")
     parser.add_argument("--iou-thres", type=opt.IOU_THRES.arg, default=nms.iou_thres, help="detect: NMS IoU threshold")
-    parser.add_argument("--max-det", type=opt.MAX_DET.arg, default=nms.max_det, help="detect: detections kept per image")
+    parser.add_argument("--max-det", type=opt.MAX_DET.arg, default=nms.max_det,
+                        help="detect: detections kept per image")
     parser.add_argument("--out", default=None,
                         help="detect: folder for pr_curve.png and eval_<artifact>.json (default: beside the artifact)")
 

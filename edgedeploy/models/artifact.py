@@ -132,7 +132,6 @@ def _load_json(p: Path) -> Any:
 
 # ------------------------------------------------------------------------------------------------ resolver
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 
@@ -252,7 +251,7 @@ def describe_artifact(
     side_size = side.input_shape[-1] if side and side.input_shape and isinstance(side.input_shape[-1], int) else None
     size = imgsz if imgsz is not None else (
         (ck.imgsz if ck else None) or (None if side_size else info.imgsz if info is not None else None))
-    if size is not None:  # given, trained at or the registry's: checked; a built artifact's recorded size is a fact about it
+    if size is not None:  # given, trained at or the registry's: checked (a built artifact's size is a fact)
         size = opt.check_imgsz(size, imgsz_multiple(task) if multiple is None else multiple, batch=batch,
                                who=f"{task} models" if task else "this model")
     size = size or side_size
@@ -268,7 +267,8 @@ def describe_artifact(
     convention = _convention(path, ck, side, info)
     data: dict[str, Any] = {}
     if ck is not None:
-        data = {k: copy.deepcopy(ck.raw[k]) for k in ("data", "data_as_typed", "synthetic", "train_args") if k in ck.raw}
+        keys = ("data", "data_as_typed", "synthetic", "train_args")
+        data = {k: copy.deepcopy(ck.raw[k]) for k in keys if k in ck.raw}
     elif side is not None:
         data = sidecar_data_meta(side)
     if ignore_index is None:

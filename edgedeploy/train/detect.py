@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgedeploy.errors import DatasetError, EdgeDeployError
+from edgedeploy.errors import DatasetError
 from edgedeploy.train.config import DetectConfig, build_config
 from edgedeploy.train.loop import TaskSpec, fit
 
@@ -126,11 +126,9 @@ class DetectSpec(TaskSpec):
         from edgedeploy.data.detect_augment import DetectionTrainSet, collate_detection
         from edgedeploy.data.preprocess import InputConvention
         from edgedeploy.data.sources import open_detection_data
-        from edgedeploy.models.artifact import check_family, imgsz_multiple
-        from edgedeploy.options import check_imgsz
+        from edgedeploy.models.artifact import check_family
 
         cfg, info = self.cfg, self.info
-        check_imgsz(cfg.imgsz, imgsz_multiple("detect"), who="detectors (stride of the last level)")
         self.synthetic = synthetic_params(cfg, cfg.imgsz)
         self.train_ds = open_detection_data(cfg.data, "train", cfg.imgsz, self.synthetic)
         self.val_ds = open_detection_data(cfg.data, "val", cfg.imgsz, self.synthetic)

@@ -146,7 +146,10 @@ def fit(spec: TaskSpec) -> Fit:
     if cfg.lr_schedule not in SCHEDULES:
         raise EdgeDeployError(f"--lr-schedule {cfg.lr_schedule!r}: use {' or '.join(SCHEDULES)}")
     epochs = int(cfg.epochs or DEFAULT_EPOCHS)
-    cfg = spec.cfg = replace(cfg, epochs=epochs, imgsz=int(cfg.imgsz or info.imgsz))
+    from edgedeploy.models.artifact import describe_artifact
+
+    imgsz = describe_artifact(model=info.name, imgsz=cfg.imgsz).imgsz  # the registry's default; validated once
+    cfg = spec.cfg = replace(cfg, epochs=epochs, imgsz=imgsz)
     seed_everything(cfg.seed)
     spec.info, spec.device = info, select_device(cfg.device)
     spec.workers = cfg.workers if cfg.workers is not None else spec.default_workers(spec.device)
