@@ -25,7 +25,7 @@ from edgedeploy.errors import EdgeDeployError
 # slot -> the module that provides it (named in the error when a part is looked up before it is registered)
 SLOTS: dict[str, str] = {
     "pipeline": "edgedeploy.runtime.pipelines",
-    "evaluator": "edgedeploy.eval",
+    "evaluator": "edgedeploy.eval.cli",
     "trainer": "edgedeploy.train",
     "export_adapter": "edgedeploy.export.tasks",
 }
@@ -107,8 +107,8 @@ DETECT = Task("detect", "object detection (boxes, scores, classes; NMS in the gr
              "none (decoded boxes + scores; NMS on the host). Default: what the engine builder supports",
              type=str, choices=opt.NMS_MODE.choices),
     TaskFlag("max_det", ("--max-det",), _SERVE["max_det"], type=opt.MAX_DET.arg),
-    TaskFlag("iou_thres", ("--iou-thres",), _SERVE["iou"], type=opt.IOU_THRES.arg),
-    TaskFlag("conf_thres", ("--conf-thres",), _SERVE["conf"], type=opt.CONF_THRES.arg),
+    TaskFlag("iou_thres", ("--iou-thres", "--iou"), _SERVE["iou"], type=opt.IOU_THRES.arg),
+    TaskFlag("conf_thres", ("--conf-thres", "--conf"), _SERVE["conf"], type=opt.CONF_THRES.arg),
     TaskFlag("agnostic", ("--agnostic",), "class-agnostic NMS", action="store_true"),
 ))
 SEGMENT = Task("segment", "semantic segmentation (per-pixel class ids or logits)", flags=(

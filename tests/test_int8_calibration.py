@@ -55,12 +55,16 @@ def test_percentile_and_entropy_clip_outliers_minmax_keeps_them(tiny_onnx, tmp_p
 
 def test_auto_picks_ema_for_detectors_and_percentile_when_histograms_fit(tiny_onnx):
     from edgedeploy.export.int8 import histogram_calibration_bytes, resolve_calib_method
+    from edgedeploy.export.tasks import get_task_adapter
 
-    assert resolve_calib_method("auto", tiny_onnx, 16, "detect")[0] == "ema"
-    assert resolve_calib_method("auto", tiny_onnx, 16, "classify")[0] == "percentile"
-    assert resolve_calib_method("minmax", tiny_onnx, 16, "detect") == ("minmax", "chosen by the user")
+    detect_choice = get_task_adapter("detect").auto_calib_method
+    assert get_task_adapter("classify").auto_calib_method is None
+
+    assert resolve_calib_method("auto", tiny_onnx, 16, detect_choice)[0] == "ema"
+    assert resolve_calib_method("auto", tiny_onnx, 16)[0] == "percentile"
+    assert resolve_calib_method("minmax", tiny_onnx, 16, detect_choice) == ("minmax", "chosen by the user")
     # tiny: input 3x64x64, conv1 out 8x64x64 (= relu in), relu out, conv2 out 4x62x62, all float32, per image
     per_image = 4 * (3 * 64 * 64 + 8 * 64 * 64 + 8 * 64 * 64 + 4 * 62 * 62)
     assert histogram_calibration_bytes(tiny_onnx, 10) == 10 * per_image
-    huge = resolve_calib_method("auto", tiny_onnx, 10**7, "classify")
+    huge = resolve_calib_method("auto", tiny_onnx, 10**7)
     assert huge[0] == "minmax" and "GiB" in huge[1]

@@ -235,6 +235,12 @@ def test_deploy_train_dispatches_other_tasks(monkeypatch):
         seen.update(model=args.model, epochs=args.epochs, data=args.data)
         return 0
 
-    monkeypatch.setattr(detect, "train_detector", fake_train_detector)
+    import dataclasses
+
+    from edgedeploy.tasks import DETECT
+
+    trainer = DETECT.part("trainer")
+    assert trainer.train is detect.train_detector
+    monkeypatch.setitem(DETECT.parts, "trainer", dataclasses.replace(trainer, train=fake_train_detector))
     assert cli.main(["train", "--model", "yolox_nano", "--epochs", "3"]) == 0
     assert seen == {"model": "yolox_nano", "epochs": 3, "data": "synthetic"}

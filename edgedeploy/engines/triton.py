@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edgedeploy import options as opt
+from edgedeploy.tasks import DETECT
 from edgedeploy.models.artifact import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.io import atomic_path, atomic_write_text, sha256_file
@@ -173,7 +174,7 @@ def nms_in_engine(meta: ArtifactMeta) -> bool:
 
 def postprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, model_outputs: list[TensorSpec],
                        max_batch: int, conf_thres: float, iou_thres: float) -> str:
-    max_det = int((meta.postprocess or {}).get("max_det", 100))
+    max_det = int((meta.postprocess or {}).get("max_det", opt.SERVE_NMS.max_det))
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
         + _io_block("input", model_outputs + [TensorSpec("frame_hw", (-1, 2), np.dtype(np.int32))], max_batch > 0)
@@ -187,7 +188,7 @@ def postprocess_config(name: str, meta: ArtifactMeta, model_input: TensorSpec, m
 
 
 def ensemble_config(name: str, pre: str, model: str, model_input: TensorSpec, outputs: list[TensorSpec], max_batch: int,
-                    post: str | None = None, max_det: int = 100) -> str:
+                    post: str | None = None, max_det: int = opt.SERVE_NMS.max_det) -> str:
     """preprocess -> model, and with `post` -> postprocess, whose final detections are the ensemble's outputs."""
     batched = max_batch > 0
     # with a postprocess step the model's outputs are internal tensors (raw_*): an engine with NMS inside names
@@ -338,8 +339,8 @@ def write_triton_repo(
     kind: str = "KIND_GPU",
     preferred_batch: list[int] | None = None,
     preprocess: bool | None = None,
-    conf_thres: float = 0.25,
-    iou_thres: float = 0.45,
+    conf_thres: float = opt.SERVE_NMS.conf_thres,
+    iou_thres: float = opt.SERVE_NMS.iou_thres,
 ) -> list[Path]:
     """Write the model (and for detectors by default, preprocess + postprocess + ensemble) into `repo`.
     Returns the model dirs."""
@@ -393,7 +394,7 @@ def write_triton_repo(
     if preprocess:
         pre, ens = f"{name}_preprocess", f"{name}_pipeline"
         post = f"{name}_postprocess" if meta.task == "detect" else None
-        max_det = int((meta.postprocess or {}).get("max_det", 100))
+        max_det = int((meta.postprocess or {}).get("max_det", opt.SERVE_NMS.max_det))
         (repo / pre / "1").mkdir(parents=True, exist_ok=True)
         atomic_write_text(repo / pre / "1" / "model.py", PREPROCESS_MODEL_PY)
         atomic_write_text(repo / pre / "config.pbtxt", preprocess_config(pre, meta, inputs[0], max_batch))
@@ -424,8 +425,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preprocess", action=argparse.BooleanOptionalAction, default=None,
                    help="add a python-backend preprocess step and an ensemble (default: on for detectors; a detector's "
                         "ensemble also ends in NMS + boxes in frame pixels)")
-    p.add_argument("--conf-thres", type=float, default=0.25, help="detectors: score threshold of the final step")
-    p.add_argument("--iou-thres", type=float, default=0.45, help="detectors: NMS IoU threshold of the final step")
+    # detectors: the thresholds of the ensemble's final NMS step
+    DETECT.add_flags(p, defaults={"conf_thres": opt.SERVE_NMS.conf_thres, "iou_thres": opt.SERVE_NMS.iou_thres},
+                     only=("conf_thres", "iou_thres"))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from edgedeploy import options as opt
+from edgedeploy.tasks import add_all_task_flags, given_task_options
 from edgedeploy.errors import EdgeDeployError
 
 
@@ -64,17 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild everything, even up-to-date artifacts")
     parser.add_argument("--seed", type=opt.SEED.arg, default=0)
     parser.add_argument("--no-progress", action="store_true")
-    d = parser.add_argument_group("detection models")
-    d.add_argument("--nms", choices=opt.NMS_MODE.choices, help="NMS in the graph: ONNX NonMaxSuppression "
-                   "(default), TensorRT's EfficientNMS/NMS layer, or none (decoded boxes + scores)")
-    d.add_argument("--max-det", type=opt.MAX_DET.arg, help="detections kept per image (default 100)")
-    d.add_argument("--iou-thres", type=opt.IOU_THRES.arg, help="NMS IoU threshold (default 0.45)")
-    d.add_argument("--conf-thres", type=opt.CONF_THRES.arg, help="score threshold (default 0.25)")
-    d.add_argument("--agnostic", action="store_true", default=None, help="class-agnostic NMS")
-    g = parser.add_argument_group("segmentation models")
-    g.add_argument("--argmax", action="store_true", default=None, help="output class ids (in-graph argmax), not logits")
-    g.add_argument("--no-upsample", dest="upsample", action="store_false", default=None,
-                   help="keep logits at 1/8 resolution (no in-graph resize to the input size)")
+    add_all_task_flags(parser)  # --nms/--max-det/--iou-thres/--conf-thres/--agnostic, --argmax/--no-upsample
 
 
 def _model_from_checkpoint(weights: str | None) -> str:
@@ -86,27 +77,6 @@ def _model_from_checkpoint(weights: str | None) -> str:
     if not name:
         raise EdgeDeployError(f"{weights} does not name its model (not a `deploy train` checkpoint): add --model NAME")
     return str(name)
-
-
-TASK_FLAGS = {
-    "detect": ("nms", "max_det", "iou_thres", "conf_thres", "agnostic"),
-    "segment": ("argmax", "upsample"),
-}
-
-
-def task_options(args: argparse.Namespace, task: str) -> dict:
-    """The task-specific flags that were given; one meant for another task is an error, not silently ignored."""
-    options = {}
-    for flag_task, names in TASK_FLAGS.items():
-        for name in names:
-            value = getattr(args, name, None)
-            if value is None:
-                continue
-            if flag_task != task:
-                flag = "--no-upsample" if name == "upsample" else "--" + name.replace("_", "-")
-                raise EdgeDeployError(f"{flag} applies to {flag_task} models; {args.model} is a {task} model")
-            options[name] = value
-    return options
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.model:
         args.model = _model_from_checkpoint(args.weights)
     task = get_model_info(args.model).task
-    options = task_options(args, task)
+    options = given_task_options(args, task, args.model)
     if args.ignore_index is not None and task != "segment":
         raise EdgeDeployError(f"--ignore-index applies to segment models; {args.model} is a {task} model")
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgedeploy import options as opt
 from edgedeploy.errors import ExportError
 
 # Where TensorRT places and fuses Q/DQ (ModelOpt's heuristics); Relu/Clip/Sigmoid/Concat/Reshape stay unquantized.
@@ -114,16 +115,16 @@ def histogram_calibration_bytes(model_path: str | Path, n_images: int) -> int:
     return 4 * elements * n_images
 
 
-def resolve_calib_method(method: str, model_path: str | Path, n_images: int, task: str = "") -> tuple[str, str]:
-    """`auto` -> for detectors `ema` (measured on yolox_nano, mAP@.5:.95 vs FP32 0.368: ema 0.356 with 64 or
-    0.348 with 256 calibration images; percentile 0.326 / 0.105; minmax 0.298 / 0.093: rare large activations in
-    mosaic-trained heads make the global range grow with the calibration set). Otherwise percentile when its
-    histograms fit in memory (measured -0.7 vs -1.0 point top-1 on mobilenetv3_small, -1.0 vs -2.1 points mIoU
-    on LR-ASPP, where ema was worse: -3.1 and -1.7), else minmax. Returns (method, why)."""
-    if method != "auto":
+def resolve_calib_method(method: str, model_path: str | Path, n_images: int,
+                         task_choice: tuple[str, str] | None = None) -> tuple[str, str]:
+    """`auto` -> the task's own choice when it has one (`TaskAdapter.auto_calib_method`: detectors take `ema`).
+    Otherwise percentile when its histograms fit in memory (measured -0.7 vs -1.0 point top-1 on
+    mobilenetv3_small, -1.0 vs -2.1 points mIoU on LR-ASPP, where ema was worse: -3.1 and -1.7), else minmax.
+    Returns (method, why)."""
+    if method != opt.CalibMethod.AUTO:
         return method, "chosen by the user"
-    if task == "detect":
-        return "ema", "auto: detectors calibrate with a moving-average range (robust to rare outlier images)"
+    if task_choice is not None:
+        return task_choice
     need = histogram_calibration_bytes(model_path, n_images)
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

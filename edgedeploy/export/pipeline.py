@@ -97,14 +97,6 @@ def _fraction(v: float, name: str = "") -> str:
     return text
 
 
-def _short_reason(why: str) -> str:
-    """The telling part of a builder's log line ("nms_0 has no runners that implement it")."""
-    import re
-
-    m = re.search(r"\S+ has no runners that implement it|Plugin not found[^\"]*", why)
-    return m.group(0) if m else why[:200]
-
-
 def _progress(enabled: bool, total: int, desc: str):
     from tqdm import tqdm
 
@@ -198,7 +190,7 @@ class _Exporter:
         from edgedeploy.export.simplify import tool_order
 
         tool_order(options.simplifier)  # an unknown --simplifier fails before anything is written
-        self.nms_choice, self.nms_unbuildable = self._choose_nms()
+        self.nms_choice, self.nms_unbuildable = self._fit_to_builder()
         if options.int8 and not self._runs_in_ort():
             raise EdgeDeployError("--int8 needs ONNX Runtime to calibrate the FP32 graph, and it cannot run the "
                                   "EfficientNMS_TRT plugin node of --nms trt: export with --nms onnx or --nms none")
@@ -228,11 +220,7 @@ class _Exporter:
         self.recorded = rec
         needs_calib = o.int8 and o.calib is None
         needs_eval = (o.int8 or o.fp16) and o.eval_data is None
-        root: Path | None = None
-        if task == "detect" and rec.synthetic:
-            root = self._detect_data_root()
-        elif rec.found:
-            root = Path(str(rec.path))
+        root = self.adapter.recorded_data_root(self.ckpt_meta, rec)
         if root is None and o.weights and not rec.synthetic and (needs_calib or needs_eval):
             flags = ([("--calib DIR (images like the training set's) or --calib synthetic")] if needs_calib else []) + (
                 ["--eval-data DIR (a labelled val split) or --eval-data synthetic"] if needs_eval else [])
@@ -273,49 +261,20 @@ class _Exporter:
         if self.calib_files:  # parity inputs from the model's own kind of images, not synthetic renders
             self.adapter.image_files = self.calib_files
 
-    def _choose_nms(self) -> tuple[dict[str, str] | None, str]:
-        """A detector's in-graph NMS mode, fitted to the builder that will run (TensorRT-RTX 1.7 cannot build ONNX
-        NonMaxSuppression: "has no runners"). Defaulted NMS the builder cannot build -> decoded boxes + scores and
-        the runtime's NMS (`--nms none`), recorded; an explicit `--nms` it cannot build -> (None, reason): the
-        ONNX files are still written and the engines are skipped with exit 3."""
-        if self.info.task != "detect":
-            return None, ""
-        from edgedeploy.export.tasks.detect import detect_options
-
+    def _fit_to_builder(self) -> tuple[dict[str, str] | None, str]:
+        """The task options fitted to the builder that will run (the adapter's `fit_to_builder`): (the choice
+        recorded in the report and sidecars, or None; why an explicitly asked option cannot be built, or "")."""
         try:
             builder, _ = select_builder(self.o.builder)
         except BuilderUnavailableError:
             return None, ""  # reported by step_engines
         if builder == "none":
             return None, ""
-        if builder == "tensorrt":
-            from edgedeploy.engines.tensorrt_builder import supported_nms
-        else:
-            from edgedeploy.engines.rtx_builder import supported_nms
-        support = supported_nms()
-        mode = detect_options(self.o)["nms"]
-        why = support.get(mode, "")
-        if not why:
-            return None, ""
-        if "nms" in self.o.task_options:  # asked for explicitly: keep it, skip the engines (exit 3)
-            return None, f"{builder} cannot build --nms {mode}: {why}"
-        self.o.task_options = {**self.o.task_options, "nms": "none"}
-        self.report.options["task_options"] = dict(self.o.task_options)
-        choice = {"nms": "none", "default": mode, "builder": builder, "builder_reason": why,
-                  "reason": f"{builder} cannot build the default --nms {mode} ({_short_reason(why)}); exported decoded boxes + "
-                            "scores (--nms none): the runtime runs NMS (deploy run/bench, the Triton ensemble)"}
-        return choice, ""
-
-    def _detect_data_root(self) -> Path | None:
-        """The YOLO-layout folder a detector checkpoint was trained on (the synthetic set is regenerated from
-        the parameters the checkpoint records, as `deploy eval` does)."""
-        data = self.ckpt_meta.get("data")
-        if str(data).lower() == "synthetic" and isinstance(self.ckpt_meta.get("synthetic"), dict):
-            from edgedeploy.data.synthetic_detect import synthetic_detection_dataset
-
-            return Path(synthetic_detection_dataset(**self.ckpt_meta["synthetic"]))
-        root = Path(data) if data else None
-        return root if root is not None and (root / "images").is_dir() else None
+        new_options, choice, unbuildable = self.adapter.fit_to_builder(self.o, builder)
+        if new_options is not None:
+            self.o.task_options = new_options
+            self.report.options["task_options"] = dict(new_options)
+        return choice, unbuildable
 
     def _apply_input_convention(self) -> None:
         """The input convention travels with the weights: an official checkpoint's (or one fine-tuned from it),
@@ -418,7 +377,7 @@ class _Exporter:
             class_names=self._class_names,
             precision=precision,
             batch={"min": mn, "opt": opt, "max": mx},
-            postprocess={**self.adapter.sidecar_postprocess(self.o), **self._dataset_postprocess(),
+            postprocess={**self.adapter.sidecar_postprocess(self.o), **self.adapter.dataset_postprocess(self.adapter.dataset_meta, self.ckpt_meta),
                          **({"nms_choice": self.nms_choice["reason"]} if self.nms_choice else {})},
             data=self._sidecar_data(),
             builder="torch.onnx",
@@ -426,16 +385,6 @@ class _Exporter:
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             provenance=self.provenance(),
         )
-
-    def _dataset_postprocess(self) -> dict[str, Any]:
-        """What a mask's values mean beyond the class ids: the ignore (void) label the model was trained with."""
-        if self.info.task != "segment":
-            return {}
-        ignore = self.adapter.dataset_meta.get("ignore_index")
-        out: dict[str, Any] = {"ignore_index": int(ignore) if ignore is not None else 255}
-        if self.ckpt_meta.get("palette"):
-            out["palette"] = self.ckpt_meta["palette"]
-        return out
 
     def _sidecar_data(self) -> dict[str, Any]:
         """The training data as the checkpoint records it, so `deploy eval X.onnx` finds it without --data."""
@@ -474,12 +423,9 @@ class _Exporter:
         wrapped = self.adapter.wrap_for_export(model, self.o).eval()
         self.reinit_info = {"reinitialised": self.random_weights}
         if self.random_weights:
-            from edgedeploy.export.weights import reinitialise_for_parity
-
             sample = np.concatenate(self.adapter.sample_inputs(self.info, self.imgsz, reinit_inputs(self.imgsz),
                                                                self.rng(9)))
-            reinit_fn = getattr(self.adapter, "reinitialise_for_parity", reinitialise_for_parity)  # task-specific if any
-            self.reinit_info.update(reinit_fn(wrapped, sample, seed=self.o.seed))
+            self.reinit_info.update(self.adapter.reinitialise_for_parity(wrapped, sample, seed=self.o.seed))
         self._model = wrapped
         return wrapped
 
@@ -544,7 +490,7 @@ class _Exporter:
 
     def probes(self) -> list[tuple[str, Any]]:
         if not hasattr(self, "_probes"):
-            self._probes = getattr(self.adapter, "parity_probes", lambda _m, _o: [])(self.model(), self.o)
+            self._probes = self.adapter.parity_probes(self.model(), self.o)
         return self._probes
 
     def prove(self, artifact: Path, inputs: list[np.ndarray] | None = None, runner: Callable | None = None):
@@ -576,7 +522,7 @@ class _Exporter:
                          self.rtol, self.atol, found, missing)
 
     def _runs_in_ort(self) -> bool:
-        return bool(getattr(self.adapter, "runs_in_onnxruntime", lambda _o: True)(self.o))
+        return self.adapter.runs_in_onnxruntime(self.o)
 
     def step_parity(self, name: str, onnx_path: Path, key: str) -> None:
         if not self._runs_in_ort():  # e.g. a TensorRT plugin node
@@ -751,7 +697,7 @@ class _Exporter:
         self.log(f"  calibration: {len(inputs)} of {available} images from {src}")
         model = onnx.load(str(fp32_path))
         excluded = self.adapter.int8_exclusions(model, opts)
-        method, why = resolve_calib_method(opts.calib_method, fp32_path, len(inputs), self.info.task)
+        method, why = resolve_calib_method(opts.calib_method, fp32_path, len(inputs), self.adapter.auto_calib_method)
         bar = _progress(opts.progress, len(inputs), f"calibrate ({method})")
         try:
             facts = quantize_qdq(fp32_path, path, self.input_names[0], inputs, [n for n, _ in excluded], lambda: bar.update(1),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from edgedeploy import options as opt
+from edgedeploy.tasks import DETECT, TASKS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,26 +25,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu | cuda (ONNX Runtime / PyTorch backends)")
     parser.add_argument("--imgsz", type=opt.IMGSZ.arg, help="input size for --model (default: the model's)")
     parser.add_argument("--num-classes", type=opt.NUM_CLASSES.arg, help="classes in the checkpoint, when no sidecar says")
-    parser.add_argument("--conf", type=opt.CONF_THRES.arg, default=0.25, help="detection score threshold")
-    parser.add_argument("--iou", type=opt.IOU_THRES.arg, default=0.45, help="NMS IoU threshold")
     parser.add_argument("--max-frames", type=opt.MAX_FRAMES.arg, help="stop after this many frames")
     parser.add_argument("--cuda-graph", action="store_true", help="TensorRT: replay inference as a CUDA graph")
     parser.add_argument("--no-gpu-preprocess", action="store_true", help="TensorRT: preprocess on the CPU instead")
     parser.add_argument("--reconnect", type=opt.RECONNECT.arg, default=5, help="reopen attempts when a live source drops")
+    DETECT.add_flags(parser, defaults={"conf_thres": opt.SERVE_NMS.conf_thres, "iou_thres": opt.SERVE_NMS.iou_thres},
+                     only=("conf_thres", "iou_thres", "max_det"))
 
 
 def build_pipeline(args: argparse.Namespace):
-    from edgedeploy.runtime.pipelines import Classifier, Detector, Segmenter, load_pipeline
+    from edgedeploy.runtime.pipelines import Detector, load_pipeline
 
     from edgedeploy.errors import EdgeDeployError
 
-    det_kwargs = {"conf_thres": args.conf, "iou_thres": args.iou}
+    det_kwargs = {"conf_thres": args.conf_thres, "iou_thres": args.iou_thres, "max_det": args.max_det}
     if not args.engine and not args.model:
         raise EdgeDeployError("give --engine ARTIFACT (.engine/.onnx/.pt) or --model NAME")
     if args.model and not args.engine:
         from edgedeploy.models.registry import get_model_info
 
-        cls = {"classify": Classifier, "detect": Detector, "segment": Segmenter}[get_model_info(args.model).task]
+        cls = TASKS[get_model_info(args.model).task].part("pipeline")
         kwargs = det_kwargs if cls is Detector else {}
         return cls.from_model(args.model, weights=args.weights, imgsz=args.imgsz, num_classes=args.num_classes,
                               device=args.device, **kwargs)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from edgedeploy.options import SERVE_NMS
+
 
 def as_torch(x: Any, device: str | None = None):
     """numpy array, torch tensor or CUDA-array-interface object -> torch tensor (no copy where possible)."""
@@ -39,9 +41,9 @@ def batched_detections(
     boxes: Any,
     scores: Any,
     *,
-    conf_thres: float = 0.25,
-    iou_thres: float = 0.45,
-    max_det: int = 100,
+    conf_thres: float = SERVE_NMS.conf_thres,
+    iou_thres: float = SERVE_NMS.iou_thres,
+    max_det: int = SERVE_NMS.max_det,
     agnostic: bool = False,
 ) -> list[Any]:
     """boxes [B,N,4] xyxy, scores [B,N,C] -> per image a tensor [K,6] (x1, y1, x2, y2, score, class), sorted by

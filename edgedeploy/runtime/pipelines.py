@@ -27,6 +27,8 @@ from edgedeploy.models.artifact import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError, InputError
 from edgedeploy.runtime.engine import DYNAMIC, Engine
 from edgedeploy.runtime.loader import load_engine
+from edgedeploy.options import SERVE_NMS
+from edgedeploy.tasks import CLASSIFY, DETECT, SEGMENT, TASKS
 
 
 # ---- results ----------------------------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ def _meta_from_model(model: Any, imgsz: int | None) -> ArtifactMeta:
     if ckpt_meta.get("class_names"):
         meta.class_names = [str(c) for c in ckpt_meta["class_names"]]
     if info.task == "detect":
-        meta.postprocess = {"nms": "none", "max_det": 100}
+        meta.postprocess = {"nms": "none", "max_det": SERVE_NMS.max_det}
     return meta
 
 
@@ -403,6 +405,7 @@ def _pick(outs: dict[str, Any], names: Sequence[str], index: int) -> Any:
 
 
 # ---- tasks ----------------------------------------------------------------------------------------------------------
+@CLASSIFY.provides("pipeline")
 class Classifier(_Pipeline):
     task = "classify"
 
@@ -418,14 +421,15 @@ class Classifier(_Pipeline):
         return results
 
 
+@DETECT.provides("pipeline")
 class Detector(_Pipeline):
     task = "detect"
 
-    def __init__(self, source: Any, *, conf_thres: float = 0.25, iou_thres: float = 0.45, max_det: int | None = None,
-                 agnostic: bool = False, **kwargs: Any) -> None:
+    def __init__(self, source: Any, *, conf_thres: float = SERVE_NMS.conf_thres, iou_thres: float = SERVE_NMS.iou_thres,
+                 max_det: int | None = None, agnostic: bool = False, **kwargs: Any) -> None:
         super().__init__(source, **kwargs)
         self.conf_thres, self.iou_thres, self.agnostic = conf_thres, iou_thres, agnostic
-        self.max_det = max_det or int(self.meta.postprocess.get("max_det", 100))
+        self.max_det = max_det or int(self.meta.postprocess.get("max_det", SERVE_NMS.max_det))
 
     def postprocess(self, outs: dict[str, Any], geoms: list[_Geometry]) -> list[Detections]:
         rows_per_image = self._final_rows(outs)
@@ -469,6 +473,7 @@ def detection_rows(outs: dict[str, Any], *, conf_thres: float, iou_thres: float,
     return [_to_numpy(d) for d in dets]  # only the final detections leave the device
 
 
+@SEGMENT.provides("pipeline")
 class Segmenter(_Pipeline):
     task = "segment"
 
@@ -490,9 +495,6 @@ class Segmenter(_Pipeline):
         return results
 
 
-_TASKS = {"classify": Classifier, "detect": Detector, "segment": Segmenter}
-
-
 def load_pipeline(source: str | os.PathLike, *, model: str | None = None, **kwargs: Any) -> _Pipeline:
     """Pick Classifier/Detector/Segmenter from the sidecar's task (or the registry model's task)."""
     meta = read_sidecar(source, required=False)
@@ -501,9 +503,9 @@ def load_pipeline(source: str | os.PathLike, *, model: str | None = None, **kwar
         from edgedeploy.models.registry import get_model_info
 
         task = get_model_info(model).task
-    if task not in _TASKS:
+    if task not in TASKS:
         raise EdgeDeployError(f"cannot tell the task of {Path(source).name}: no sidecar and no --model NAME")
-    cls = _TASKS[task]
+    cls = TASKS[task].part("pipeline")
     det_keys = ("conf_thres", "iou_thres", "max_det", "agnostic")
     if cls is not Detector:
         kwargs = {k: v for k, v in kwargs.items() if k not in det_keys}

@@ -25,7 +25,8 @@ from edgedeploy.data.imagefolder import classification_datasets
 from edgedeploy.data.sources import describe_layout, record_data
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.eval.classify import evaluate_classifier
-from edgedeploy.train.config import ClassifyConfig, build_config
+from edgedeploy.tasks import CLASSIFY
+from edgedeploy.train.config import ClassifyConfig, Trainer, build_config
 from edgedeploy.train.loop import TaskSpec, fit
 
 # Overrides of `--data synthetic` (ClassifyConfig holds the user-data defaults; the generated set has
@@ -178,3 +179,14 @@ def default_workers(dev: torch.device) -> int:
     """
     cpus = os.cpu_count() or 1
     return min(4, max(1, cpus - 1)) if dev.type == "cuda" else min(2, max(1, cpus // 2))
+
+
+def _summary(result: TrainResult) -> str:
+    return (f"done in {result.wall_s:.0f}s: val top-1 {100 * result.top1:.2f}% (best {100 * result.best_top1:.2f}%), "
+            f"top-5 {100 * result.top5:.2f}%\n"
+            f"  weights  {result.best}  (EMA; `deploy eval --weights {result.best}`, `deploy export --weights {result.best}`)\n"
+            f"  resume   deploy train --resume {result.last}\n"
+            f"  metrics  {result.run_dir / 'metrics.csv'}, curves {result.run_dir / 'results.png'}")
+
+
+CLASSIFY.provides("trainer")(Trainer(ClassifyConfig, SYNTHETIC_PRESET, train_classifier, _summary))

@@ -1,26 +1,20 @@
 """`deploy train`: one command for every task, dispatched by the model's registry task.
 
-All flags are defined here; `build_config` turns them into the task's typed config (`ClassifyConfig`,
-`DetectConfig`, `SegmentConfig` in edgedeploy.train.config), which is all the training code sees:
-
-classify -> edgedeploy.train.classify.train_classifier(config)
-detect   -> edgedeploy.train.detect.train_detector(config)
-segment  -> edgedeploy.train.segment.train_segmentation(config)
+All flags are defined here, named as the config fields they set; `build_config` turns them into the task's
+typed config (`ClassifyConfig`, `DetectConfig`, `SegmentConfig` in edgedeploy.train.config), which is all the
+training code sees. The task's `trainer` part in the task registry (edgedeploy.tasks) names its config, preset
+and training function; a flag of another task's config is an error, not ignored.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+from dataclasses import fields
 from pathlib import Path
 
 from edgedeploy import options as opt
-
-TASK_TRAINERS = {
-    "classify": ("edgedeploy.train.classify", "train_classifier"),
-    "detect": ("edgedeploy.train.detect", "train_detector"),
-    "segment": ("edgedeploy.train.segment", "train_segmentation"),
-}
+from edgedeploy.tasks import get_task
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,15 +25,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default: built-in generated set with a preset that trains in minutes on a CPU)",
     )
     parser.add_argument("--epochs", type=opt.EPOCHS.arg, default=None, help="default: 30, or the synthetic preset's")
-    parser.add_argument("--batch", "--batch-size", dest="batch", type=opt.BATCH.arg, default=None, help="batch size")
+    parser.add_argument("--batch", "--batch-size", dest="batch_size", type=opt.BATCH.arg, default=None, help="batch size")
     parser.add_argument("--imgsz", type=opt.IMGSZ.arg, default=None, help="square training size in pixels")
     parser.add_argument("--lr", type=opt.LR.arg, default=None, help="peak learning rate after warm-up")
-    parser.add_argument("--opt", dest="opt", choices=("sgd", "adamw"), default=None, help="optimizer")
+    parser.add_argument("--opt", dest="optimizer", choices=("sgd", "adamw"), default=None, help="optimizer")
     parser.add_argument("--weight-decay", type=opt.WEIGHT_DECAY.arg, default=None)
-    parser.add_argument("--no-ema", action="store_true", help="no exponential moving average of the weights")
-    parser.add_argument("--no-amp", action="store_true", help="no mixed precision (AMP is used on CUDA only)")
+    parser.add_argument("--no-ema", dest="ema", action="store_false", help="no exponential moving average of the weights")
+    parser.add_argument("--no-amp", dest="amp", action="store_false", help="no mixed precision (AMP is used on CUDA only)")
     parser.add_argument("--workers", type=opt.WORKERS.arg, default=None, help="data-loader processes")
-    parser.add_argument("--out", default=None, help="run folder (default: runs/train/<model>, <model>2, ...)")
+    parser.add_argument("--out", dest="out_dir", default=None, help="run folder (default: runs/train/<model>, <model>2, ...)")
     parser.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="LAST_PT",
         help="continue an interrupted run: `--resume RUN/last.pt`, or `--out RUN --resume` (with --epochs N: "
@@ -51,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--eval-interval", type=int, default=1, help="validate every N epochs (and after the last)")
     parser.add_argument("--time-limit", type=float, default=None, help="stop after the epoch in which this many minutes run out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
     c = parser.add_argument_group("classify options")
     c.add_argument(
         "--label-smoothing", type=opt.LABEL_SMOOTHING.arg, default=None, help="classify: cross-entropy smoothing (0.1; 0 for synthetic)"
@@ -59,7 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     d = parser.add_argument_group("detect options")
     d.add_argument("--mosaic", type=float, default=None, help="detect: probability of 4-image mosaic (1.0)")
     d.add_argument("--close-mosaic", type=int, default=None, help="detect: last N epochs without mosaic (default ~15%%)")
-    d.add_argument("--no-hsv", action="store_true", help="detect: no HSV colour jitter")
+    d.add_argument("--no-hsv", dest="hsv", action="store_false", default=None, help="detect: no HSV colour jitter")
     d.add_argument("--flip", type=float, default=None, help="detect: horizontal flip probability (0.5)")
     d.add_argument("--precise-bn", type=int, default=None, help="detect: batches to re-estimate BatchNorm stats before eval (8; 0: off)")
     d.add_argument("--synthetic-train", type=int, default=None, help="detect: images in the synthetic train split (512)")
@@ -72,37 +66,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    "(default 0.5 2.0; synthetic preset 0.75 1.25)")
 
 
+COMMON_FLAGS = ("model", "data", "epochs", "batch_size", "imgsz", "lr", "optimizer", "weight_decay", "ema", "amp",
+                "workers", "out_dir", "resume", "num_classes", "seed", "device", "eval_interval", "time_limit",
+                "progress")
+TASK_FLAGS = ("weights", "label_smoothing", "mosaic", "close_mosaic", "hsv", "flip", "precise_bn", "synthetic_train",
+              "synthetic_val", "ignore_index", "lr_schedule", "scale_range")
+
+
+def trainer_for(task: str):
+    """The task's `trainer` part (its module registers it when imported)."""
+    importlib.import_module(f"edgedeploy.train.{task}")
+    return get_task(task).part("trainer")
+
+
 def build_config(args: argparse.Namespace, task: str):
     """The task's typed config from the parsed flags (flags left unset take the config's defaults or the
-    synthetic preset)."""
-    common = dict(
-        model=args.model, data=args.data, epochs=args.epochs, batch_size=args.batch, imgsz=args.imgsz, lr=args.lr,
-        optimizer=args.opt, weight_decay=args.weight_decay, ema=not args.no_ema, amp=not args.no_amp,
-        workers=args.workers, out_dir=args.out, resume=args.resume, num_classes=args.num_classes, seed=args.seed,
-        device=args.device, eval_interval=args.eval_interval, time_limit=args.time_limit, progress=not args.quiet,
-    )
-    if task == "classify":
-        from edgedeploy.train import classify
-        from edgedeploy.train.config import ClassifyConfig, build_config as build
-
-        return build(ClassifyConfig, classify.SYNTHETIC_PRESET, **common, label_smoothing=args.label_smoothing)
-    if task == "detect":
-        from edgedeploy.train import detect
-        from edgedeploy.train.config import DetectConfig, build_config as build
-
-        return build(DetectConfig, detect.SYNTHETIC_PRESET, **common, weights=args.weights, mosaic=args.mosaic,
-                     close_mosaic=args.close_mosaic, hsv=not args.no_hsv, flip=args.flip, precise_bn=args.precise_bn,
-                     synthetic_train=args.synthetic_train, synthetic_val=args.synthetic_val)
-    if task == "segment":
-        from edgedeploy.train import segment
-        from edgedeploy.train.config import SegmentConfig, build_config as build
-
-        return build(SegmentConfig, segment.SYNTHETIC_PRESET, **common, weights=args.weights,
-                     ignore_index=args.ignore_index, lr_schedule=args.lr_schedule,
-                     scale_range=tuple(args.scale_range) if args.scale_range else None)
+    synthetic preset). A flag given that the task's config has no field for is an error."""
     from edgedeploy.errors import EdgeDeployError
 
-    raise EdgeDeployError(f"{args.model}: no trainer for task {task!r}")
+    trainer = trainer_for(task)
+    names = {f.name for f in fields(trainer.config)}
+    values = vars(args)
+    given = {k: values[k] for k in COMMON_FLAGS}
+    for dest in TASK_FLAGS:
+        if values.get(dest) is None:
+            continue
+        if dest not in names:
+            raise EdgeDeployError(f"--{dest.replace('_', '-')} does not apply to {task} models ({args.model})")
+        given[dest] = tuple(values[dest]) if dest == "scale_range" else values[dest]
+    return trainer.build(**given)
 
 
 def _model_from_checkpoint(path: str | Path) -> str | None:
@@ -119,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_name = args.model
     if model_name is None and args.resume:
-        resume_from = args.resume if args.resume is not True else (Path(args.out) / "last.pt" if args.out else None)
+        resume_from = args.resume if args.resume is not True else (Path(args.out_dir) / "last.pt" if args.out_dir else None)
         model_name = _model_from_checkpoint(resume_from) if resume_from else None
     if model_name is None:
         raise EdgeDeployError("deploy train: pass --model NAME (`deploy models` lists them)")
@@ -139,7 +131,7 @@ def _output_snapshot(args: argparse.Namespace) -> list[tuple[Path, set[str], lis
     from edgedeploy.io import missing_dirs
 
     snap = []
-    for d in ([Path(args.out)] if args.out else []) + [Path("runs/train")]:
+    for d in ([Path(args.out_dir)] if args.out_dir else []) + [Path("runs/train")]:
         d = d.absolute()
         snap.append((d, {p.name for p in d.iterdir()} if d.is_dir() else set(), missing_dirs(d)))
     return snap
@@ -157,20 +149,9 @@ def _remove_new_empty_dirs(before: list[tuple[Path, set[str], list[Path]]]) -> N
 def _dispatch(args: argparse.Namespace, info) -> int:
     from edgedeploy.errors import EdgeDeployError
 
-    if info.task not in TASK_TRAINERS:
-        raise EdgeDeployError(f"{info.name}: no trainer for task {info.task!r}")
     cfg = build_config(args, info.task)
-    module, fn = TASK_TRAINERS[info.task]
-    result = getattr(importlib.import_module(module), fn)(cfg)
-    if info.task == "classify":
-        print(
-            f"done in {result.wall_s:.0f}s: val top-1 {100 * result.top1:.2f}% (best {100 * result.best_top1:.2f}%), "
-            f"top-5 {100 * result.top5:.2f}%\n"
-            f"  weights  {result.best}  (EMA; `deploy eval --weights {result.best}`, `deploy export --weights {result.best}`)\n"
-            f"  resume   deploy train --resume {result.last}\n"
-            f"  metrics  {result.run_dir / 'metrics.csv'}, curves {result.run_dir / 'results.png'}"
-        )
-    elif info.task == "segment":
-        print(f"best val mIoU {100 * result.best_miou:.2f} -> {result.best}  (last: {result.last}, "
-              f"curves: {result.run_dir / 'results.png'})")
+    trainer = trainer_for(info.task)
+    result = trainer.train(cfg)
+    if trainer.summary is not None:
+        print(trainer.summary(result))
     return 0

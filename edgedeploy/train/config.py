@@ -9,7 +9,7 @@ code only ever sees a config.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, ClassVar, Mapping, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, TypeVar
 
 DEFAULT_EPOCHS = 30
 # Fields a resumed run takes from the caller; every other field comes from the checkpoint's `train_args`.
@@ -133,3 +133,17 @@ def build_config(cls: type[C], preset: Mapping[str, Any], **given: Any) -> C:
     if chosen and chosen != default and "lr" not in given:
         base.update(cls.OPTIMIZER_DEFAULTS.get(chosen, {}))
     return cls(**{**base, **given})
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A task's part for `deploy train` in the task registry (`@CLASSIFY.provides("trainer")`): its typed config,
+    its synthetic preset, the training function and the line printed when it is done (None: it prints its own)."""
+
+    config: type[TrainConfig]
+    preset: Mapping[str, Any]
+    train: Callable[[Any], Any]
+    summary: Callable[[Any], str] | None = None
+
+    def build(self, **given: Any) -> TrainConfig:
+        return build_config(self.config, self.preset, **given)

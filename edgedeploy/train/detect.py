@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from edgedeploy.errors import DatasetError
-from edgedeploy.train.config import DetectConfig, build_config
+from edgedeploy.tasks import DETECT
+from edgedeploy.train.config import DetectConfig, Trainer, build_config
 from edgedeploy.train.loop import TaskSpec, fit
 
 # Overrides of `--data synthetic` (DetectConfig holds the defaults): the shapes set does not need the model's
@@ -265,3 +266,6 @@ def _loss_items(loss, items) -> dict[str, float]:
     elif isinstance(items, torch.Tensor) and items.numel() > 1:
         out.update({f"loss{i}": float(v) for i, v in enumerate(items.detach().flatten())})
     return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+DETECT.provides("trainer")(Trainer(DetectConfig, SYNTHETIC_PRESET, train_detector, None))

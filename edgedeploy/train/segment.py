@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler
 
+from edgedeploy.tasks import SEGMENT
 from edgedeploy.train.common import ModelEMA
-from edgedeploy.train.config import SegmentConfig, build_config
+from edgedeploy.train.config import SegmentConfig, Trainer, build_config
 from edgedeploy.train.loop import TaskSpec, fit
 
 # Overrides of `--data synthetic` (SegmentConfig holds torchvision's recipe for user data). Small images, from
@@ -198,3 +199,11 @@ class SegmentSpec(TaskSpec):
         if "val/miou" not in row:
             return ""
         return f"  val mIoU {100 * row['val/miou']:.2f}  pixel acc {100 * row['val/pixel_acc']:.2f}"
+
+
+def _summary(result: SegmentTrainResult) -> str:
+    return (f"best val mIoU {100 * result.best_miou:.2f} -> {result.best}  (last: {result.last}, "
+            f"curves: {result.run_dir / 'results.png'})")
+
+
+SEGMENT.provides("trainer")(Trainer(SegmentConfig, SYNTHETIC_PRESET, train_segmentation, _summary))

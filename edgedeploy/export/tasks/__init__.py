@@ -6,7 +6,6 @@ from edgedeploy.export.tasks.base import (
     ParityResult,
     TaskAdapter,
     get_task_adapter,
-    register_task,
 )
 
-__all__ = ["EvalData", "OutputParity", "ParityResult", "TaskAdapter", "get_task_adapter", "register_task"]
+__all__ = ["EvalData", "OutputParity", "ParityResult", "TaskAdapter", "get_task_adapter"]

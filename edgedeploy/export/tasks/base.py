@@ -22,6 +22,17 @@ The pipeline (edgedeploy.export.pipeline) is task-agnostic. It asks the model's 
                                      and must be compared differently (e.g. matched boxes, pixel agreement).
 - `parity_tolerance(precision)`      (rtol, atol) for "fp32" parity; FP16/INT8 are judged by `evaluate`.
 - `parity_probes(module, options)`   [(name, layer)] whose raw outputs are compared too (detector heads).
+- `reinitialise_for_parity(module, sample, seed)`  seeded weights for a proof without `--weights`. Default: the
+                                     generic re-initialisation in edgedeploy.export.weights.
+- `runs_in_onnxruntime(options)`     False when the graph holds a node ORT cannot run (a TensorRT plugin).
+- `fit_to_builder(options, builder)` the task options changed to what `builder` can build (a detector's NMS),
+                                     with the choice recorded, or the reason an explicit option cannot be built.
+- `recorded_data_root(ckpt_meta, recorded)` the dataset folder a checkpoint was trained on, for calibration and
+                                     the held-out eval (a detector's synthetic set is regenerated).
+- `dataset_postprocess(dataset_meta, ckpt_meta)`  sidecar `postprocess` fields that come from the data (a
+                                     segmenter's ignore label and palette).
+- `auto_calib_method`                (method, why) that `--calib-method auto` means for the task, or None for the
+                                     generic choice (see edgedeploy.export.int8.resolve_calib_method).
 - `load_eval_data(info, imgsz, source, n, rng)` -> EvalData: held-out inputs (+ targets when the source has
                                      labels). source is a directory or "synthetic".
 - `evaluate(run_fn, eval_data, reference_fn=None)` -> dict[str, float]: the task metric for one artifact
@@ -34,8 +45,8 @@ The pipeline (edgedeploy.export.pipeline) is task-agnostic. It asks the model's 
                                      Sigmoid/decode of a detector); the pipeline adds the generic ones.
 - `sidecar_postprocess(options)`     the task's `postprocess` dict for the artifact sidecar (ArtifactMeta).
 
-Write a new task as `edgedeploy/export/tasks/<task>.py` subclassing TaskAdapter and calling
-`register_task("<task>", YourAdapter)` at import; `get_task_adapter("<task>")` imports it lazily.
+Write a new task as `edgedeploy/export/tasks/<task>.py` with a TaskAdapter subclass registered as the task's
+part (`@DETECT.provides("export_adapter")`, see edgedeploy.tasks); `get_task_adapter("<task>")` imports it lazily.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ import numpy as np
 
 from edgedeploy.errors import ExportError
 from edgedeploy.export.options import ExportOptions
+from edgedeploy.tasks import TASKS
 from edgedeploy.export.parity import OutputParity, ParityResult, compare_outputs
 
 if TYPE_CHECKING:  # keep torch/onnx out of import time
@@ -212,6 +224,31 @@ class TaskAdapter:
         (a detector's prediction convs: the logits before the decode's exp()). Default: none."""
         return []
 
+    def reinitialise_for_parity(self, module: "nn.Module", sample: np.ndarray, seed: int = 0) -> dict[str, Any]:
+        """Seeded weights for a proof without --weights (bit-identical per seed)."""
+        from edgedeploy.export.weights import reinitialise_for_parity
+
+        return reinitialise_for_parity(module, sample, seed=seed)
+
+    def runs_in_onnxruntime(self, options: ExportOptions) -> bool:
+        return True
+
+    def fit_to_builder(self, options: ExportOptions, builder: str) -> tuple[dict[str, Any] | None, dict[str, str] | None, str]:
+        """(new task options or None, the choice to record or None, why an explicitly asked option cannot be
+        built by `builder` or ""). Default: every option builds."""
+        return None, None, ""
+
+    def recorded_data_root(self, ckpt_meta: dict[str, Any], recorded: Any) -> "Path | None":
+        """The training data folder the checkpoint records (`recorded`: edgedeploy.data.sources.Recorded)."""
+        from pathlib import Path
+
+        return Path(str(recorded.path)) if recorded.found else None
+
+    def dataset_postprocess(self, dataset_meta: dict[str, Any], ckpt_meta: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    auto_calib_method: tuple[str, str] | None = None
+
     def evaluate(self, run_fn: RunFn, eval_data: EvalData, reference_fn: RunFn | None = None) -> dict[str, float]:
         """Default: cosine similarity of all outputs against the reference (tasks should override)."""
         if reference_fn is None:
@@ -237,28 +274,14 @@ class TaskAdapter:
         return {}
 
 
-_TASKS: dict[str, type[TaskAdapter]] = {}
-
-
-def register_task(task: str, adapter: type[TaskAdapter]) -> type[TaskAdapter]:
-    _TASKS[task] = adapter
-    return adapter
-
-
 def get_task_adapter(task: str) -> TaskAdapter:
-    """The adapter for `task`, importing edgedeploy.export.tasks.<task> on first use."""
-    if task not in _TASKS:
-        try:
-            importlib.import_module(f"edgedeploy.export.tasks.{task}")
-        except ModuleNotFoundError as e:
-            if e.name != f"edgedeploy.export.tasks.{task}":
-                raise
-        if task not in _TASKS:
-            raise ExportError(
-                f"no export adapter for task {task!r} (expected edgedeploy/export/tasks/{task}.py calling "
-                f"register_task({task!r}, ...))"
-            )
-    return _TASKS[task]()
+    """A new adapter for `task` (the task registry's `export_adapter` part), importing
+    edgedeploy.export.tasks.<task> on first use."""
+    if task not in TASKS:
+        raise ExportError(f"no export adapter for task {task!r}; tasks: {', '.join(TASKS)}")
+    if "export_adapter" not in TASKS[task].parts:
+        importlib.import_module(f"edgedeploy.export.tasks.{task}")
+    return TASKS[task].part("export_adapter")()
 
 
 __all__ = [
@@ -269,5 +292,4 @@ __all__ = [
     "RunFn",
     "TaskAdapter",
     "get_task_adapter",
-    "register_task",
 ]

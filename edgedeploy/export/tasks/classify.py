@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgedeploy.export.options import ExportOptions
-from edgedeploy.export.tasks.base import EvalData, RunFn, TaskAdapter, register_task
+from edgedeploy.export.tasks.base import EvalData, RunFn, TaskAdapter
+from edgedeploy.tasks import CLASSIFY
 
 if TYPE_CHECKING:
     from edgedeploy.models.registry import ModelInfo
 
 
+@CLASSIFY.provides("export_adapter")
 class ClassifyAdapter(TaskAdapter):
     task = "classify"
 
@@ -70,4 +72,3 @@ class ClassifyAdapter(TaskAdapter):
         return {"output": "logits", "softmax": False}
 
 
-register_task("classify", ClassifyAdapter)

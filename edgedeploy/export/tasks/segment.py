@@ -20,7 +20,8 @@ import numpy as np
 
 from edgedeploy.export.options import ExportOptions
 from edgedeploy.export.parity import OutputParity, ParityResult, compare_outputs
-from edgedeploy.export.tasks.base import EvalData, RunFn, TaskAdapter, register_task
+from edgedeploy.export.tasks.base import EvalData, RunFn, TaskAdapter
+from edgedeploy.tasks import SEGMENT
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -61,6 +62,7 @@ def pixel_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float((a == b).mean()) if a.size else 1.0
 
 
+@SEGMENT.provides("export_adapter")
 class SegmentAdapter(TaskAdapter):
     imgsz_multiple = 1  # the pooling branch is size-agnostic by design: 520, 500, 97 ... all export
     task = "segment"
@@ -184,12 +186,19 @@ class SegmentAdapter(TaskAdapter):
         return heads
 
     # --- artifact metadata ---------------------------------------------------------------------------------
+    def dataset_postprocess(self, dataset_meta: dict[str, Any], ckpt_meta: dict[str, Any]) -> dict[str, Any]:
+        """What a mask's values mean beyond the class ids: the ignore (void) label the model was trained with."""
+        ignore = dataset_meta.get("ignore_index")
+        out: dict[str, Any] = {"ignore_index": int(ignore) if ignore is not None else 255}
+        if ckpt_meta.get("palette"):
+            out["palette"] = ckpt_meta["palette"]
+        return out
+
     def sidecar_postprocess(self, options: ExportOptions) -> dict[str, Any]:
         return {"output": "mask" if self.argmax(options) else "logits", "argmax": self.argmax(options),
                 "upsampled": self.upsample(options), "stride": 1 if self.upsample(options) else 8,
                 "mask_dtype": "int32" if self.argmax(options) else None}
 
 
-register_task("segment", SegmentAdapter)
 
 __all__ = ["SegmentAdapter", "pixel_agreement"]
