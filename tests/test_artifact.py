@@ -121,9 +121,15 @@ def test_a_pipeline_on_onnx_reads_the_sidecar_once(tmp_path, monkeypatch):
     real = artifact._load_json
     monkeypatch.setattr(artifact, "_load_json", lambda p: reads.append(p) or real(p))
     monkeypatch.setattr(artifact, "_SIDECARS", {})
+    from edgedeploy.runtime import pipelines
+
+    calls = []
+    real_read = pipelines.read_sidecar
+    monkeypatch.setattr(pipelines, "read_sidecar", lambda *a, **k: calls.append(a) or real_read(*a, **k))
     pipe = load_pipeline(onnx)
     assert type(pipe).__name__ == "Classifier" and pipe.names == ["r", "g", "b"]
     assert len(reads) == 1
+    assert len(calls) == 1  # load_pipeline reads it and hands it to the pipeline (and the engine)
 
 
 def test_deploy_eval_hands_the_nms_flags_to_the_detector(tmp_path, capsys):

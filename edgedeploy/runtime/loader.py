@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from edgedeploy.errors import EdgeDeployError
+from edgedeploy.models.artifact import ArtifactMeta
 from edgedeploy.runtime.engine import Engine
 
 
@@ -85,12 +86,14 @@ def load_engine(
     cuda_graph: bool = False,
     num_classes: int | None = None,
     imgsz: int | None = None,
+    meta: ArtifactMeta | None = None,
 ) -> Engine:
     """Open an artifact with the backend its extension implies (or `backend`).
 
     `.engine` -> TensorRT (sidecar checked first), `.onnx` -> ONNX Runtime, `.pt` -> PyTorch (registry model
     `model`, or what the checkpoint or its sidecar records; `num_classes`/`imgsz` override the recorded values and
-    are validated by `models.artifact.describe_artifact`).
+    are validated by `models.artifact.describe_artifact`). `meta`: the artifact's sidecar when the caller has read
+    it already (a TensorRT engine then does not read it again).
     """
     path = Path(path)
     if not path.exists():
@@ -102,7 +105,7 @@ def load_engine(
         raise EdgeDeployError(f"unknown backend {kind!r}: choose {', '.join(BACKENDS)}")
     cls: Any = BACKENDS[kind].engine_class()
     if kind == "tensorrt":
-        return cls(path, cuda_graph=cuda_graph)
+        return cls(path, cuda_graph=cuda_graph, meta=meta)
     if kind == "onnxruntime-cuda":
         return cls(path, device_index=device_index(device))
     if kind == "onnxruntime":

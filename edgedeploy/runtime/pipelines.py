@@ -113,6 +113,9 @@ def _meta_from_model(model: Any, imgsz: int | None) -> ArtifactMeta:
 
 # ---- base -----------------------------------------------------------------------------------------------------------
 class _Pipeline:
+    """`meta` describes the input when the artifact has no sidecar; `sidecar` is the artifact's own sidecar when
+    the caller has read it already (`load_pipeline`), so that it is read once and handed to the engine."""
+
     task = ""
 
     def __init__(
@@ -120,6 +123,7 @@ class _Pipeline:
         source: str | os.PathLike | Engine,
         *,
         meta: ArtifactMeta | None = None,
+        sidecar: ArtifactMeta | None = None,
         backend: str | None = None,
         device: str | None = None,
         model: str | None = None,
@@ -133,9 +137,11 @@ class _Pipeline:
             path = getattr(source, "path", None)
             meta = meta or (read_sidecar(path, required=False) if path else None)
         else:
-            meta = meta or read_sidecar(source, required=not str(source).endswith((".pt", ".pth")))
+            if sidecar is None and meta is None:
+                sidecar = read_sidecar(source, required=not str(source).endswith((".pt", ".pth")))
+            meta = meta or sidecar
             self.engine = load_engine(source, backend=backend, device=device, model=model, cuda_graph=cuda_graph,
-                                      num_classes=num_classes, imgsz=imgsz)
+                                      num_classes=num_classes, imgsz=imgsz, meta=sidecar)
             if meta is None and self.engine.source_model is not None:
                 meta = _meta_from_model(self.engine.source_model, imgsz)
         if meta is None:
@@ -509,4 +515,4 @@ def load_pipeline(source: str | os.PathLike, *, model: str | None = None, **kwar
     det_keys = ("conf_thres", "iou_thres", "max_det", "agnostic")
     if cls is not Detector:
         kwargs = {k: v for k, v in kwargs.items() if k not in det_keys}
-    return cls(source, model=model, **kwargs)
+    return cls(source, model=model, sidecar=meta, **kwargs)  # the sidecar, read once, goes along

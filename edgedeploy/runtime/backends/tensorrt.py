@@ -149,11 +149,12 @@ class TensorRTEngine(Engine):
     backend = "tensorrt"
     device = "cuda"
 
-    def __init__(self, path: str | os.PathLike, *, cuda_graph: bool = False, device: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike, *, cuda_graph: bool = False, device: int = 0,
+                 meta: ArtifactMeta | None = None) -> None:
         super().__init__()
         self.path = Path(path)
         self.device_index = device
-        self.meta = read_sidecar(self.path, required=False)
+        self.meta = meta if meta is not None else read_sidecar(self.path, required=False)
         builder = self.meta.builder if self.meta and self.meta.builder == "tensorrt-rtx" else "tensorrt"
         trt = self.trt = import_trt(builder)
         # Version and builder first: they need no GPU, and TensorRT must never see a plan it cannot read.
