@@ -33,8 +33,9 @@ SLOTS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class TaskFlag:
-    """One task-specific command-line flag. `default` is None so that a command can tell a flag given from one
-    left out (a flag meant for another task is then an error); commands with defaults pass their own."""
+    """One task-specific command-line flag. Its argparse default is None unless a command passes one, so that a
+    command can tell a flag given from one left out (a flag meant for another task is then an error); `default`
+    is what an unset flag means there, shown in the help."""
 
     dest: str
     flags: tuple[str, ...]
@@ -42,9 +43,13 @@ class TaskFlag:
     type: Callable[[str], Any] | None = None
     action: str | None = None
     choices: tuple[str, ...] | None = None
+    default: Any = None
 
     def add_to(self, group: Any, default: Any = None) -> None:
-        kwargs: dict[str, Any] = {"dest": self.dest, "help": self.help, "default": default}
+        shown = default if default is not None else self.default
+        kwargs: dict[str, Any] = {"dest": self.dest, "default": default,
+                                  "help": self.help + (f" (default {shown:g})" if isinstance(shown, (int, float))
+                                                       and not isinstance(shown, bool) else "")}
         if self.action:
             kwargs["action"] = self.action
         else:
@@ -94,21 +99,17 @@ class Task:
                 f.add_to(group, (defaults or {}).get(f.dest))
 
 
-def _nms_help(s: opt.NmsSettings) -> dict[str, str]:
-    return {"conf": f"score threshold (default {s.conf_thres:g})", "iou": f"NMS IoU threshold (default {s.iou_thres:g})",
-            "max_det": f"detections kept per image (default {s.max_det})"}
-
-
-_SERVE = _nms_help(opt.SERVE_NMS)
-
 CLASSIFY = Task("classify", "image classification (top-1/top-5 of a class list)")
 DETECT = Task("detect", "object detection (boxes, scores, classes; NMS in the graph, on the host or none)", flags=(
     TaskFlag("nms", ("--nms",), "NMS in the graph: ONNX NonMaxSuppression, TensorRT's EfficientNMS_TRT plugin, or "
              "none (decoded boxes + scores; NMS on the host). Default: what the engine builder supports",
              type=str, choices=opt.NMS_MODE.choices),
-    TaskFlag("max_det", ("--max-det",), _SERVE["max_det"], type=opt.MAX_DET.arg),
-    TaskFlag("iou_thres", ("--iou-thres", "--iou"), _SERVE["iou"], type=opt.IOU_THRES.arg),
-    TaskFlag("conf_thres", ("--conf-thres", "--conf"), _SERVE["conf"], type=opt.CONF_THRES.arg),
+    TaskFlag("max_det", ("--max-det",), "detections kept per image", type=opt.MAX_DET.arg,
+             default=opt.SERVE_NMS.max_det),
+    TaskFlag("iou_thres", ("--iou-thres", "--iou"), "NMS IoU threshold", type=opt.IOU_THRES.arg,
+             default=opt.SERVE_NMS.iou_thres),
+    TaskFlag("conf_thres", ("--conf-thres", "--conf"), "score threshold", type=opt.CONF_THRES.arg,
+             default=opt.SERVE_NMS.conf_thres),
     TaskFlag("agnostic", ("--agnostic",), "class-agnostic NMS", action="store_true"),
 ))
 SEGMENT = Task("segment", "semantic segmentation (per-pixel class ids or logits)", flags=(

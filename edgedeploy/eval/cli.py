@@ -35,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (PyTorch checkpoints)")
     parser.add_argument("--json", default=None, help="also write the scores to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    detect.add_detect_eval_arguments(parser.add_argument_group("detection models"))
+    detect.add_detect_eval_arguments(parser)
 
 
 def _artifact(args: argparse.Namespace) -> str:

@@ -26,6 +26,7 @@ from edgedeploy.data.yolo_format import DetectionDataset
 from edgedeploy.errors import CheckpointError, EdgeDeployError
 from edgedeploy.eval.predictors import PredictFn, engine_detect_fn, torch_detect_fn
 from edgedeploy.eval.request import EvalRequest
+from edgedeploy.options import EVAL_NMS
 from edgedeploy.tasks import DETECT
 
 # The 12 numbers COCOeval.summarize() prints, in order.
@@ -251,15 +252,10 @@ def load_detector(path: str | os.PathLike, model_name: str | None = None, num_cl
 
 
 def add_detect_eval_arguments(parser) -> None:
-    """Detection flags for `deploy eval` (defaults: `options.EVAL_NMS`, low thresholds for mAP)."""
-    from edgedeploy import options as opt
-
-    nms = opt.EVAL_NMS
-    parser.add_argument("--conf-thres", type=opt.CONF_THRES.arg, default=nms.conf_thres,
-                        help="detect: score threshold before NMS (mAP: keep low)")
-    parser.add_argument("--iou-thres", type=opt.IOU_THRES.arg, default=nms.iou_thres, help="detect: NMS IoU threshold")
-    parser.add_argument("--max-det", type=opt.MAX_DET.arg, default=nms.max_det,
-                        help="detect: detections kept per image")
+    """Detection flags for `deploy eval`: the task's NMS flags with `options.EVAL_NMS` (low thresholds for mAP)."""
+    nms = EVAL_NMS
+    DETECT.add_flags(parser, defaults={"conf_thres": nms.conf_thres, "iou_thres": nms.iou_thres, "max_det": nms.max_det},
+                     only=("conf_thres", "iou_thres", "max_det"))
     parser.add_argument("--out", default=None,
                         help="detect: folder for pr_curve.png and eval_<artifact>.json (default: beside the artifact)")
 

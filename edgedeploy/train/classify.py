@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from edgedeploy.data.imagefolder import classification_datasets
 from edgedeploy.data.sources import describe_layout, record_data
@@ -27,7 +27,7 @@ from edgedeploy.errors import EdgeDeployError
 from edgedeploy.eval.classify import evaluate_classifier
 from edgedeploy.tasks import CLASSIFY
 from edgedeploy.train.config import ClassifyConfig, Trainer, build_config
-from edgedeploy.train.loop import TaskSpec, fit
+from edgedeploy.train.loop import TaskSpec, fit, shuffled_loader
 
 # Overrides of `--data synthetic` (ClassifyConfig holds the user-data defaults; the generated set has
 # `make_synthetic_classification`'s default size): mobilenetv3_small reaches >= 90% val top-1 within 5 minutes on
@@ -114,15 +114,7 @@ class ClassifySpec(TaskSpec):
                         for d in (self.train_ds, self.val_ds) if getattr(d, "skipped", None)))
         print(f"{len(self.train_ds)} train / {len(self.val_ds)} val images, {len(self.class_names)} classes")
         self.generator = torch.Generator()
-        return DataLoader(
-            self.train_ds,
-            batch_size=cfg.batch_size,
-            sampler=RandomSampler(self.train_ds, generator=self.generator),
-            num_workers=self.workers,
-            drop_last=len(self.train_ds) > cfg.batch_size,  # a 1-image last batch breaks BatchNorm
-            pin_memory=self.device.type == "cuda",
-            generator=self.generator,  # worker seeds too: augmentation is reproducible per epoch
-        )
+        return shuffled_loader(self.train_ds, cfg.batch_size, self.workers, self.device, self.generator)
 
     def build_model(self, resuming: bool) -> nn.Module:
         from edgedeploy.models.registry import create_model

@@ -37,6 +37,18 @@ from edgedeploy.train.common import (
 from edgedeploy.train.config import DEFAULT_EPOCHS, TrainConfig
 
 
+def shuffled_loader(dataset, batch_size: int, workers: int, device: torch.device, generator: torch.Generator,
+                    seed_workers: bool = True) -> torch.utils.data.DataLoader:
+    """A training loader: shuffled by `generator` (the spec reseeds it per epoch), no 1-image last batch (it breaks
+    BatchNorm), pinned memory on CUDA. `seed_workers`: the workers' augmentation seeds come from `generator` too
+    (each epoch then draws one number from it before sampling)."""
+    from torch.utils.data import DataLoader, RandomSampler
+
+    return DataLoader(dataset, batch_size=batch_size, sampler=RandomSampler(dataset, generator=generator),
+                      num_workers=workers, drop_last=len(dataset) > batch_size, pin_memory=device.type == "cuda",
+                      generator=generator if seed_workers else None)
+
+
 class TaskSpec:
     """What one task plugs into `fit`. The hooks run in this order: `load_data`, `build_model`, `make_ema`,
     `meta`, then per epoch `start_epoch`, `loss` per batch, `validate`. `fit` sets `cfg` (resolved: epochs and

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from edgedeploy.tasks import SEGMENT
 from edgedeploy.train.common import ModelEMA
 from edgedeploy.train.config import SegmentConfig, Trainer, build_config
-from edgedeploy.train.loop import TaskSpec, fit
+from edgedeploy.train.loop import TaskSpec, fit, shuffled_loader
 
 # Overrides of `--data synthetic` (SegmentConfig holds torchvision's recipe for user data). Small images, from
 # scratch: AdamW converges in a few CPU minutes where SGD needs many more epochs. Measured on a 2-core CPU (one
@@ -136,15 +136,9 @@ class SegmentSpec(TaskSpec):
         print(f"data: {self.train_ds.root} ({self.train_ds.layout}), ignore index {cfg.ignore_index}")
         print(f"train {dataset_summary(self.train_ds)}; val {len(self.val_ds)} images")
         self.generator = torch.Generator()
-        return DataLoader(
-            self.train_ds,
-            batch_size=cfg.batch_size,
-            sampler=RandomSampler(self.train_ds, generator=self.generator),
-            num_workers=self.workers,
-            drop_last=len(self.train_ds) > cfg.batch_size,  # a 1-image last batch breaks BatchNorm
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,  # the dataset's epoch (augmentation seed) must reach the workers
-        )
+        # the dataset's epoch sets the augmentation seed (workers are not persistent, so it reaches them)
+        return shuffled_loader(self.train_ds, cfg.batch_size, self.workers, self.device, self.generator,
+                               seed_workers=False)
 
     def build_model(self, resuming: bool) -> nn.Module:
         from edgedeploy.models.registry import create_model
