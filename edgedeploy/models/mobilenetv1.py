@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torchvision.ops import Conv2dNormActivation
 
+from edgedeploy.models.initialisation import init_weights
 from edgedeploy.models.registry import register_model
 
 # (output channels, stride) of each depthwise-separable block at width 1.0 (paper Table 1).
@@ -53,18 +54,7 @@ class MobileNetV1(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = ch
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(ch, num_classes))
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear="normal")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(x)).flatten(1)

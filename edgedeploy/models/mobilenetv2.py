@@ -12,6 +12,7 @@ import torch.nn as nn
 from torchvision.ops import Conv2dNormActivation
 
 from edgedeploy.models.channels import make_divisible
+from edgedeploy.models.initialisation import init_weights
 from edgedeploy.models.registry import register_model
 
 # t (expansion), c (output channels), n (repeats), s (stride of the first repeat) -- Table 2 of the paper.
@@ -63,20 +64,7 @@ class MobileNetV2(nn.Module):
         layers.append(Conv2dNormActivation(in_chs, self.last_channel, kernel_size=1, activation_layer=nn.ReLU6))
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear="normal")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

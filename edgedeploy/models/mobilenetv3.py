@@ -16,6 +16,7 @@ import torch.nn as nn
 from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
 
 from edgedeploy.models.channels import make_divisible
+from edgedeploy.models.initialisation import init_weights
 from edgedeploy.models.registry import register_model
 
 
@@ -144,20 +145,7 @@ class MobileNetV3(nn.Module):
             nn.Dropout(p=dropout, inplace=True),
             nn.Linear(last_channel, num_classes),
         )
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear="normal")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

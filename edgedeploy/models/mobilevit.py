@@ -23,6 +23,7 @@ import torch.nn as nn
 from torchvision.ops import Conv2dNormActivation
 
 from edgedeploy.errors import InputError
+from edgedeploy.models.initialisation import init_weights
 from edgedeploy.models.registry import register_model
 
 PATCH = 2  # patch height and width of every MobileViT block
@@ -165,20 +166,7 @@ class MobileViT(nn.Module):
         self.head_conv = _conv(c5, self.num_features)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.num_features, num_classes))
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear="trunc_normal")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

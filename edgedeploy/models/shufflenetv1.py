@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from edgedeploy.models.initialisation import init_weights
 from edgedeploy.models.registry import register_model
 
 STAGE_REPEATS = (4, 8, 4)
@@ -118,19 +119,7 @@ class ShuffleNetV1(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = ch
         self.classifier = nn.Linear(ch, num_classes, bias=classifier_bias)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_weights(self, linear="normal")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(self.stem(x))).flatten(1)
