@@ -49,11 +49,12 @@ def _profile(model: str, imgsz: int | None, num_classes: int | None, cache: dict
     key = (model, imgsz, num_classes)
     if key not in cache:
         try:
+            from edgedeploy.models.artifact import describe_artifact
             from edgedeploy.models.complexity import count_macs, count_params
-            from edgedeploy.models.registry import create_model, get_model_info
+            from edgedeploy.models.registry import create_model
 
             net = create_model(model, num_classes=num_classes)
-            cache[key] = (count_params(net), count_macs(net, imgsz or get_model_info(model).imgsz))
+            cache[key] = (count_params(net), count_macs(net, describe_artifact(model=model, imgsz=imgsz).imgsz))
         except Exception:  # an unknown/custom model: the table shows "-" rather than failing the comparison
             cache[key] = (None, None)
     return cache[key]

@@ -70,11 +70,12 @@ def count_model(name: str, imgsz: int | None = None) -> dict[str, int]:
     """Params and MACs of a registered model at `imgsz` (default: its published size)."""
     import torch
 
-    from edgedeploy.models import create_model, get_model_info
+    from edgedeploy.models import create_model
+    from edgedeploy.models.artifact import describe_artifact
     from edgedeploy.models.complexity import count_macs, count_params
 
-    info = get_model_info(name)
-    size = imgsz or info.imgsz
+    desc = describe_artifact(model=name, imgsz=imgsz)
+    info, size = desc.info, desc.imgsz
     try:
         with torch.device("meta"):
             model = create_model(info.name)
