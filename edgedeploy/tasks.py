@@ -68,6 +68,10 @@ class Task:
     name: str
     summary: str
     flags: tuple[TaskFlag, ...] = ()
+    # what an input side must be a multiple of for every model of the task (a model may ask for more:
+    # ModelInfo.imgsz_multiple): YOLO heads need whole stride-32 grids; classifiers pool adaptively (EfficientNet
+    # is published at 240, 300, 380 ...) and LR-ASPP's pooling branch takes any size
+    imgsz_multiple: int = 1
     parts: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def provides(self, slot: str) -> Callable[[Any], Any]:
@@ -100,7 +104,8 @@ class Task:
 
 
 CLASSIFY = Task("classify", "image classification (top-1/top-5 of a class list)")
-DETECT = Task("detect", "object detection (boxes, scores, classes; NMS in the graph, on the host or none)", flags=(
+DETECT = Task("detect", "object detection (boxes, scores, classes; NMS in the graph, on the host or none)",
+              imgsz_multiple=32, flags=(
     TaskFlag("nms", ("--nms",), "NMS in the graph: ONNX NonMaxSuppression, TensorRT's EfficientNMS_TRT plugin, or "
              "none (decoded boxes + scores; NMS on the host). Default: what the engine builder supports",
              type=str, choices=opt.NMS_MODE.choices),

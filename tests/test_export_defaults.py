@@ -90,10 +90,19 @@ def test_input_size_rules_are_per_task(tmp_path, capsys):
     report = json.loads((out / "lraspp_mobilenetv3_small" / "export_report.json").read_text())
     assert report["imgsz"] == 200
     assert {s["name"]: s["status"] for s in report["steps"]}["parity_simplified"] == "ok"
-    # a classifier's stride-32 grid needs a multiple of 32: refused before anything is written
-    assert main(["export", "--model", "mobilenetv3_small", "--imgsz", "200", "--out", str(tmp_path / "c")]) == 2
-    assert "must be a multiple of 32 for classify models" in capsys.readouterr().err
-    assert not (tmp_path / "c").exists()
+    # a YOLO head needs whole stride-32 grids, MobileViT 2x2 patches after 32x downsampling: refused before
+    # anything is written
+    assert main(["export", "--model", "yolox_nano", "--imgsz", "200", "--out", str(tmp_path / "d")]) == 2
+    assert "must be a multiple of 32 for detect models" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    assert main(["export", "--model", "mobilevit_xxs", "--imgsz", "224", "--out", str(tmp_path / "v")]) == 2
+    assert "must be a multiple of 64 for classify models" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
+    # classifiers pool adaptively: EfficientNet's published sizes (240, 300, 380 ...) are not multiples of 32
+    from edgedeploy.models.artifact import describe_artifact
+
+    assert describe_artifact(model="efficientnet_b1").imgsz == 240
+    assert describe_artifact(model="mobilenetv3_small", imgsz=200).imgsz == 200
 
 
 def test_fp16_keep_blocks_more_op_types(run, tmp_path):

@@ -159,9 +159,9 @@ class _Exporter:
         from edgedeploy.models.artifact import describe_artifact
 
         # the checkpoint's meta (ours: num_classes, class_names, imgsz; official: source, input convention, class
-        # count) gives the defaults; the image size is validated against the task's stride multiple here
+        # count) gives the defaults; the image size is validated against the task's and the model's multiple here
         self.described = describe_artifact(options.weights, model=self.info.name, imgsz=options.imgsz,
-                                           multiple=self.adapter.imgsz_multiple, batch=options.batch_shape[2])
+                                           batch=options.batch_shape[2])
         self.imgsz = int(self.described.imgsz)
         self.name = self.info.name
         self.ckpt_meta = self.described.checkpoint.as_dict() if self.described.checkpoint else {}

@@ -143,9 +143,13 @@ def artifact_kind(path: str | os.PathLike | None) -> str:
     return "onnx" if suffix == ".onnx" else "engine" if suffix in ENGINE_SUFFIXES else "checkpoint"
 
 
-def imgsz_multiple(task: str | None) -> int:
-    """The multiple an input size must be: detectors' largest stride (32); classifiers and segmenters any."""
-    return 32 if task == "detect" else 1
+def imgsz_multiple(task: str | None, info: "ModelInfo | None" = None) -> int:
+    """What an input side must be a multiple of: the task's rule (edgedeploy.tasks) and the model's own."""
+    from math import lcm
+
+    from edgedeploy.tasks import TASKS
+
+    return lcm(TASKS[task].imgsz_multiple if task in TASKS else 1, info.imgsz_multiple if info is not None else 1)
 
 
 @dataclass(frozen=True)
@@ -252,7 +256,7 @@ def describe_artifact(
     size = imgsz if imgsz is not None else (
         (ck.imgsz if ck else None) or (None if side_size else info.imgsz if info is not None else None))
     if size is not None:  # given, trained at or the registry's: checked (a built artifact's size is a fact)
-        size = opt.check_imgsz(size, imgsz_multiple(task) if multiple is None else multiple, batch=batch,
+        size = opt.check_imgsz(size, imgsz_multiple(task, info) if multiple is None else multiple, batch=batch,
                                who=f"{task} models" if task else "this model")
     size = size or side_size
 

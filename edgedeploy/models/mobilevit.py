@@ -200,6 +200,7 @@ def _register(variant: str, params: float, macs: float, aliases: tuple[str, ...]
         name, task="classify", family="mobilevit", imgsz=256, aliases=aliases,
         published_params=params, published_macs=macs, source=_SOURCE,
         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),  # ml-cvnets and timm: [0, 1], no normalisation
+        imgsz_multiple=SIZE_MULTIPLE,
         extra={"macs_counter": "fvcore (adds BatchNorm/LayerNorm element ops)"},
     )(build)  # fmt: skip
 

@@ -48,6 +48,7 @@ class ModelInfo:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     letterbox: bool = False  # detection models take letterboxed input; classifiers a plain resize
+    imgsz_multiple: int = 1  # the model's own input-side rule beyond its task's (MobileViT: 64)
     aliases: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
 

@@ -112,9 +112,6 @@ class TaskAdapter:
     # drawn from them instead of synthetic renders) and the dataset facts eval needs (class_names, ignore_index).
     image_files: list | None = None
     dataset_meta: dict[str, Any] = {}
-    # input sides the task's networks accept: classifiers and YOLO heads need whole stride-32 grids; a task
-    # whose graph handles any size (LR-ASPP) sets 1. Models with stricter needs (MobileViT: 64) say so themselves.
-    imgsz_multiple: int = 32
 
     # --- graph ---------------------------------------------------------------------------------------------
     def wrap_for_export(self, model: "nn.Module", options: ExportOptions) -> "nn.Module":

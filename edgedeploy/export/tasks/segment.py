@@ -64,7 +64,6 @@ def pixel_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 @SEGMENT.provides("export_adapter")
 class SegmentAdapter(TaskAdapter):
-    imgsz_multiple = 1  # the pooling branch is size-agnostic by design: 520, 500, 97 ... all export
     task = "segment"
 
     @staticmethod
