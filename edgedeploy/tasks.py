@@ -121,6 +121,8 @@ SEGMENT = Task("segment", "semantic segmentation (per-pixel class ids or logits)
     TaskFlag("argmax", ("--argmax",), "output class ids (in-graph argmax), not logits", action="store_true"),
     TaskFlag("upsample", ("--no-upsample",), "keep logits at 1/8 resolution (no in-graph resize to the input size)",
              action="store_false"),
+    TaskFlag("ignore_index", ("--ignore-index",), "mask value left out of mIoU (default: the checkpoint's, else 255)",
+             type=int),
 ))
 
 TASKS: dict[str, Task] = {t.name: t for t in (CLASSIFY, DETECT, SEGMENT)}

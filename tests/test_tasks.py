@@ -77,7 +77,9 @@ def test_the_commands_use_the_same_flag_objects():
     assert p.parse_args(["--source", "0", "--conf-thres", "0.6"]).conf_thres == 0.6
     flags = {f.dest: f for f in DETECT.flags}
     assert isinstance(flags["nms"], TaskFlag) and flags["nms"].choices == opt.NMS_MODE.choices
-    assert [f.dest for f in SEGMENT.flags] == ["argmax", "upsample"]
+    assert [f.dest for f in SEGMENT.flags] == ["argmax", "upsample", "ignore_index"]
+    with pytest.raises(EdgeDeployError, match="--ignore-index applies to segment models; yolox_nano is a detect"):
+        given_task_options(_parser().parse_args(["--ignore-index", "3"]), "detect", "yolox_nano")
 
 
 def test_detection_defaults_come_from_options():

@@ -52,8 +52,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "split of the dataset the checkpoint records; an error when it is gone)")
     parser.add_argument("--eval-images", type=opt.EVAL_IMAGES.arg, default=None, metavar="N",
                         help="cap the held-out set at N evenly spaced images (default: the whole split)")
-    parser.add_argument("--ignore-index", type=int, default=None,
-                        help="segmentation: mask value left out of mIoU (default: the checkpoint's, else 255)")
     parser.add_argument("--builder", choices=opt.BUILDER.choices, default="auto")
     parser.add_argument("--workspace", type=opt.WORKSPACE_MB.arg, metavar="MB", help="TensorRT workspace memory-pool limit")
     parser.add_argument("--timing-cache", help="timing cache file (default OUT/<model>/timing.cache)")
@@ -99,8 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         args.model = _model_from_checkpoint(args.weights)
     task = get_model_info(args.model).task
     options = given_task_options(args, task, args.model)
-    if args.ignore_index is not None and task != "segment":
-        raise EdgeDeployError(f"--ignore-index applies to segment models; {args.model} is a {task} model")
+    ignore_index = options.pop("ignore_index", None)  # a fact about the data, not an option of the graph
 
     report = export(
         args.model,
@@ -124,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         calib_method=args.calib_method,
         eval_data=args.eval_data,
         eval_images=args.eval_images,
-        ignore_index=args.ignore_index,
+        ignore_index=ignore_index,
         builder=args.builder,
         workspace_mb=args.workspace,
         timing_cache=args.timing_cache,

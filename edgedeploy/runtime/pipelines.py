@@ -91,7 +91,7 @@ def as_bgr(frame: Any) -> np.ndarray:
     return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR) if frame.shape[2] == 4 else frame
 
 
-def _meta_from_model(model: Any, imgsz: int | None) -> ArtifactMeta:
+def _meta_from_model(model: Any, imgsz: int | None, postprocess: dict[str, Any]) -> ArtifactMeta:
     info = getattr(model, "model_info", None)
     if info is None:
         raise EdgeDeployError("a bare nn.Module needs `meta=ArtifactMeta(...)` (task, input size, mean/std)")
@@ -106,8 +106,7 @@ def _meta_from_model(model: Any, imgsz: int | None) -> ArtifactMeta:
         meta.source = str(ckpt_meta.get("source", ""))
     if ckpt_meta.get("class_names"):
         meta.class_names = [str(c) for c in ckpt_meta["class_names"]]
-    if info.task == "detect":
-        meta.postprocess = {"nms": "none", "max_det": SERVE_NMS.max_det}
+    meta.postprocess = dict(postprocess)
     return meta
 
 
@@ -117,6 +116,7 @@ class _Pipeline:
     the caller has read it already (`load_pipeline`), so that it is read once and handed to the engine."""
 
     task = ""
+    model_postprocess: dict[str, Any] = {}  # what a PyTorch model's outputs are, for a pipeline made from one
 
     def __init__(
         self,
@@ -143,7 +143,7 @@ class _Pipeline:
             self.engine = load_engine(source, backend=backend, device=device, model=model, cuda_graph=cuda_graph,
                                       num_classes=num_classes, imgsz=imgsz, meta=sidecar)
             if meta is None and self.engine.source_model is not None:
-                meta = _meta_from_model(self.engine.source_model, imgsz)
+                meta = _meta_from_model(self.engine.source_model, imgsz, self.model_postprocess)
         if meta is None:
             raise EdgeDeployError("no sidecar for this engine: pass meta=ArtifactMeta(...) describing its input")
         if self.task and meta.task and meta.task != self.task:
@@ -199,7 +199,7 @@ class _Pipeline:
             from edgedeploy.models.registry import create_model
 
             model = create_model(model, num_classes=num_classes, weights=weights)
-        meta = meta or _meta_from_model(model, imgsz)
+        meta = meta or _meta_from_model(model, imgsz, cls.model_postprocess)
         size = (int(meta.input_shape[-2]), int(meta.input_shape[-1]))
         engine = TorchEngine(model, input_shape=(DYNAMIC, 3, *size), input_name=meta.input_name, device=device,
                              cuda_graph=kwargs.pop("cuda_graph", False), device_io=kwargs.pop("device_io", None))
@@ -264,13 +264,17 @@ class _Pipeline:
         zero-copy views; copied on the device when another chunk will reuse the buffers); everything else comes
         to the host."""
         outs_on_device = _torch_cuda() or not self.engine.device.startswith("cuda")  # torch must see the memory
-        if self.task == "detect" and self.meta.postprocess.get("nms", "none") == "none" and outs_on_device:
+        if self.candidates_for_nms() and outs_on_device:
             from edgedeploy.runtime.nms import as_torch
 
             outs = {k: v if isinstance(v, np.ndarray) else as_torch(v, f"cuda:{self.engine.device_index}")
                     for k, v in self.engine.device_outputs().items()}
             return {k: v.copy() if isinstance(v, np.ndarray) else v.clone() for k, v in outs.items()} if copy else outs
         return self.engine.fetch_outputs()
+
+    def candidates_for_nms(self) -> bool:
+        """Whether the engine's outputs are candidates the runtime's NMS filters (they then stay on the device)."""
+        return False
 
     def _stream_ctx(self) -> Any:
         """Torch work of the GPU path (decode, NMS, the final copy to the host) on the engine's stream, so it is
@@ -430,12 +434,16 @@ class Classifier(_Pipeline):
 @DETECT.provides("pipeline")
 class Detector(_Pipeline):
     task = "detect"
+    model_postprocess = {"nms": "none", "max_det": SERVE_NMS.max_det}  # a PyTorch detector: decoded candidates
 
     def __init__(self, source: Any, *, conf_thres: float = SERVE_NMS.conf_thres, iou_thres: float = SERVE_NMS.iou_thres,
                  max_det: int | None = None, agnostic: bool = False, **kwargs: Any) -> None:
         super().__init__(source, **kwargs)
         self.conf_thres, self.iou_thres, self.agnostic = conf_thres, iou_thres, agnostic
         self.max_det = max_det or int(self.meta.postprocess.get("max_det", SERVE_NMS.max_det))
+
+    def candidates_for_nms(self) -> bool:
+        return self.meta.postprocess.get("nms", "none") == "none"
 
     def postprocess(self, outs: dict[str, Any], geoms: list[_Geometry]) -> list[Detections]:
         rows_per_image = self._final_rows(outs)
