@@ -88,3 +88,23 @@ def test_triton_describes_io_with_the_runtime_tensorspec(tmp_path):
     spec = TensorSpec("images", (-1, 3, 64, 64), np.dtype(np.float16))
     assert triton_type(spec.dtype) == "TYPE_FP16" and triton_type(np.dtype(np.complex64)) == "TYPE_FP32"
     assert "dims: [ 3, 64, 64 ]" in _io_block("input", [spec], batched=True)
+
+
+def test_one_device_parser_for_training_evaluation_and_the_torch_engine():
+    import torch
+
+    from edgedeploy.errors import EdgeDeployError
+    from edgedeploy.runtime.backends.torch import TorchEngine
+    from edgedeploy.runtime.engine import select_device
+
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device(None) == select_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(EdgeDeployError, match="expected auto, cpu, cuda, cuda:N or N"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        for bad in ("cuda", "cuda:1", "0"):
+            with pytest.raises(EdgeDeployError, match="CUDA is not available here"):
+                select_device(bad)
+        with pytest.raises(EdgeDeployError, match="CUDA is not available here"):
+            TorchEngine(torch.nn.Conv2d(3, 4, 3), input_shape=(1, 3, 8, 8), device="cuda")
+    assert TorchEngine(torch.nn.Conv2d(3, 4, 3), input_shape=(1, 3, 8, 8), device="cpu").device == "cpu"

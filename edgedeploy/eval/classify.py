@@ -17,7 +17,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from edgedeploy.errors import CheckpointError, DatasetError, EdgeDeployError
-from edgedeploy.eval.predictors import PredictFn, artifact_predict_fn, select_device, torch_predict_fn
+from edgedeploy.eval.predictors import PredictFn, artifact_predict_fn, torch_predict_fn
+from edgedeploy.runtime.engine import select_device
 from edgedeploy.eval.request import EvalRequest
 from edgedeploy.tasks import CLASSIFY
 

@@ -267,7 +267,7 @@ def evaluate_artifact(request: EvalRequest) -> int:
     pr_curve.png into request.out (default: beside the artifact), and the scores to request.json (or
     out/eval_<artifact>.json when out is given)."""
     from edgedeploy.data.sources import open_detection_data
-    from edgedeploy.eval.predictors import select_device
+    from edgedeploy.runtime.engine import select_device
     from edgedeploy.io import atomic_write_json
 
     desc, nms = request.artifact, request.nms

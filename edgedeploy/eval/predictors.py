@@ -26,29 +26,6 @@ PredictFn = Callable[[np.ndarray], Any]
 EVAL_CONF, EVAL_IOU, EVAL_MAX_DET = EVAL_NMS.conf_thres, EVAL_NMS.iou_thres, EVAL_NMS.max_det
 
 
-def select_device(device: str | None = None):
-    """'auto'/None -> cuda if available else cpu; 'cpu'; 'cuda', 'cuda:1' or just '1' (a `torch.device`)."""
-    import torch
-
-    if device is None or str(device).lower() in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = str(device).lower()
-    if name.isdigit():
-        name = f"cuda:{name}"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EdgeDeployError(
-                f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-                f"built for CUDA {torch.version.cuda}). Use --device cpu, or check the driver with `nvidia-smi`."
-            )
-        index = torch.device(name).index or 0
-        if index >= torch.cuda.device_count():
-            raise EdgeDeployError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    elif name != "cpu":
-        raise EdgeDeployError(f"--device {device}: expected auto, cpu, cuda, cuda:N or N")
-    return torch.device(name)
-
-
 # ----------------------------------------------------------------------------------------------- raw outputs
 
 

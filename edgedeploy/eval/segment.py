@@ -193,7 +193,8 @@ def evaluate_artifact(request: EvalRequest) -> int:
     desc, path, data = request.artifact, request.path, request.data
     class_names = list(desc.class_names) or None
     if desc.is_checkpoint:
-        from edgedeploy.eval.predictors import select_device, torch_predict_fn
+        from edgedeploy.eval.predictors import torch_predict_fn
+        from edgedeploy.runtime.engine import select_device
         from edgedeploy.models.registry import create_model
 
         if not desc.model:

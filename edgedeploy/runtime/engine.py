@@ -165,6 +165,29 @@ class Engine(abc.ABC):
         return out
 
 
+def select_device(device: str | None = None):
+    """'auto'/None -> cuda if available else cpu; 'cpu'; 'cuda', 'cuda:1' or just '1' (a `torch.device`)."""
+    import torch
+
+    if device is None or str(device).lower() in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = str(device).lower()
+    if name.isdigit():
+        name = f"cuda:{name}"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EdgeDeployError(
+                f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}). Use --device cpu, or check the driver with `nvidia-smi`."
+            )
+        index = torch.device(name).index or 0
+        if index >= torch.cuda.device_count():
+            raise EdgeDeployError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif name != "cpu":
+        raise EdgeDeployError(f"--device {device}: expected auto, cpu, cuda, cuda:N or N")
+    return torch.device(name)
+
+
 def check_input(x: np.ndarray, spec: TensorSpec, max_batch: int | None = None) -> np.ndarray:
     """Raise `InputError` naming the problem and the expected layout; return a C-contiguous array."""
     if x.dtype != spec.dtype:

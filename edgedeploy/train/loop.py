@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from edgedeploy.errors import CheckpointError, EdgeDeployError
-from edgedeploy.eval.predictors import select_device
+from edgedeploy.runtime.engine import select_device
 from edgedeploy.train.common import (
     SCHEDULES,
     MetricsLogger,

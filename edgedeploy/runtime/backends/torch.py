@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgedeploy.errors import EdgeDeployError
-from edgedeploy.runtime.engine import DYNAMIC, Capabilities, Engine, TensorSpec, Timing
+from edgedeploy.runtime.engine import DYNAMIC, Capabilities, Engine, TensorSpec, Timing, select_device
 
 
 def default_output_names(task: str) -> list[str]:
@@ -51,12 +51,8 @@ class TorchEngine(Engine):
         super().__init__()
         import torch
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise EdgeDeployError(f"device={device!r} requested but PyTorch sees no CUDA GPU; use --device cpu")
-        self.device = device
-        self.torch_device = torch.device(device)
+        self.torch_device = select_device(device)
+        self.device = str(self.torch_device)
         if self.torch_device.type == "cuda" and self.torch_device.index is None:
             self.torch_device = torch.device("cuda", torch.cuda.current_device())
         self.device_index = self.torch_device.index or 0
