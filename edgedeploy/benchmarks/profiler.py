@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from edgedeploy.models.complexity import count_params, image_hw
+from edgedeploy.models.complexity import count_params, counted_forward, image_hw
 
 
 @dataclass
@@ -136,8 +136,6 @@ def profile_model(
       included, weights excluded), measured by tracking every op output's storage until it is freed. It is
       what eager PyTorch needs; an engine that fuses layers and reuses buffers needs the same or less.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     h, w = image_hw(imgsz)
     names = {m: n for n, m in model.named_modules()}
     shapes: dict[str, list[int] | None] = {}
@@ -150,19 +148,14 @@ def profile_model(
         shapes[name] = list(t.shape) if isinstance(t, torch.Tensor) else None
 
     handles = [m.register_forward_hook(record_shape) for m in model.modules()]
-    was_training = model.training
-    model.eval()
     try:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        x = torch.zeros(1, in_chans, h, w, device=device)
-        with FlopCounterMode(display=False) as counter:
+        with counted_forward(model, (h, w), in_chans) as (x, counter):
             tracker = _LiveActivationTracker([x])
             with tracker:
                 model(x)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
 
     # FlopCounterMode keys are "<RootClass>.<dotted path>" with *inclusive* counts; make them exclusive.
     root_prefix = type(model).__name__

@@ -10,6 +10,8 @@ of the YOLOv5 / YOLOX tables the detectors are checked against.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -23,9 +25,10 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
-def count_macs(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: int = 3) -> int:
-    """MACs of one batch-1 forward pass in eval mode at `imgsz`, on the model's device."""
+@contextlib.contextmanager
+def counted_forward(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: int = 3):
+    """Yields (a batch-1 zero input on the model's device, the FlopCounterMode counting) for one forward pass in
+    eval mode without gradients; the model's training mode is restored afterwards."""
     from torch.utils.flop_counter import FlopCounterMode
 
     h, w = image_hw(imgsz)
@@ -34,10 +37,16 @@ def count_macs(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: i
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         x = torch.zeros(1, in_chans, h, w, device=device)
-        with FlopCounterMode(display=False) as counter:
-            model(x)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            yield x, counter
     finally:
         model.train(was_training)
+
+
+def count_macs(model: nn.Module, imgsz: int | tuple[int, int] = 224, in_chans: int = 3) -> int:
+    """MACs of one batch-1 forward pass in eval mode at `imgsz`, on the model's device."""
+    with counted_forward(model, imgsz, in_chans) as (x, counter):
+        model(x)
     return counter.get_total_flops() // 2
 
 
