@@ -271,12 +271,12 @@ def torch_engine(model: Any, input_name: str = "images", output_names: Sequence[
 
 
 def engine_runner(engine: "Engine") -> Runner:
-    """`engine` as a proof's runner: the batch cast to the engine's input dtype (an FP16 graph takes FP16),
-    the outputs in the engine's order."""
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        return [np.asarray(o) for o in engine.infer(x.astype(engine.input.dtype, copy=False)).values()]
+    """`engine` as a proof's runner: `eval.predictors.run_engine` (the batch cast to the engine's input dtype, an
+    FP16 graph takes FP16), the outputs as a list in the engine's order."""
+    from edgedeploy.eval.predictors import run_engine
 
-    return run
+    run = run_engine(engine)
+    return lambda x: list(run(x).values())
 
 
 def add_probe_outputs(onnx_path: str | Path, probe_weights: list[tuple[str, np.ndarray]], out_path: str | Path) -> list[str]:
