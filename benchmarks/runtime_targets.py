@@ -283,7 +283,7 @@ def bench_camera(device: str, frames: int, detector_path: str | None, work: Path
     from edgedeploy.models import create_model
     from edgedeploy.runtime import Detector
     from edgedeploy.runtime.backends.onnxruntime import OnnxRuntimeEngine
-    from edgedeploy.runtime.pipelines import _meta_from_model, load_pipeline
+    from edgedeploy.runtime.pipelines import load_pipeline
 
     frame = np.random.default_rng(3).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
     name = "yolox_s" if device == "cuda" else "yolox_nano"
@@ -297,7 +297,7 @@ def bench_camera(device: str, frames: int, detector_path: str | None, work: Path
             x = np.zeros((1, 3, size, size), np.float32)
             path = work / f"{name}.onnx"
             export_onnx(model, x, path, ["images"], ["boxes", "scores"], {"images": {0: "batch"}})
-            return Detector(OnnxRuntimeEngine(path, device="cpu"), meta=_meta_from_model(model, size))
+            return Detector(OnnxRuntimeEngine(path, device="cpu"), meta=Detector.meta_from_model(model, size))
 
         candidates.append((f"{name} (ONNX Runtime cpu, random weights)", ort_detector))
     if device == "cuda":  # the one GPU path: NVRTC preprocessing -> model (CUDA graph) -> GPU NMS, one stream
@@ -312,7 +312,7 @@ def bench_camera(device: str, frames: int, detector_path: str | None, work: Path
                 path = work / f"{name}.onnx"
                 export_onnx(model, np.zeros((1, 3, size, size), np.float32), path, ["images"], ["boxes", "scores"],
                             {"images": {0: "batch"}})
-                return Detector(OnnxRuntimeCudaEngine(path), meta=_meta_from_model(model, size))
+                return Detector(OnnxRuntimeCudaEngine(path), meta=Detector.meta_from_model(model, size))
 
             candidates.append((f"{name} (ONNX Runtime cuda, I/O binding, random weights)", ort_cuda_detector))
     candidates.append((f"{name} (PyTorch {device}, random weights)",

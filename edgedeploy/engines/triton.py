@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from edgedeploy import options as opt
-from edgedeploy.tasks import DETECT
-from edgedeploy.models.artifact import ArtifactMeta, read_sidecar
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.io import atomic_path, atomic_write_text, sha256_file
+from edgedeploy.models.artifact import ArtifactMeta, read_sidecar
 from edgedeploy.runtime.engine import TensorSpec
+from edgedeploy.tasks import DETECT
 
 ONNX_TO_NUMPY = {1: np.float32, 10: np.float16, 6: np.int32, 7: np.int64, 2: np.uint8, 3: np.int8, 9: np.bool_}
 NAME_TO_TRITON = {

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import re
-import warnings
 from collections import Counter
 
 from edgedeploy.errors import ExportError

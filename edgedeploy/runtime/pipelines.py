@@ -143,7 +143,7 @@ class _Pipeline:
             self.engine = load_engine(source, backend=backend, device=device, model=model, cuda_graph=cuda_graph,
                                       num_classes=num_classes, imgsz=imgsz, meta=sidecar)
             if meta is None and self.engine.source_model is not None:
-                meta = _meta_from_model(self.engine.source_model, imgsz, self.model_postprocess)
+                meta = self.meta_from_model(self.engine.source_model, imgsz)
         if meta is None:
             raise EdgeDeployError("no sidecar for this engine: pass meta=ArtifactMeta(...) describing its input")
         if self.task and meta.task and meta.task != self.task:
@@ -190,6 +190,12 @@ class _Pipeline:
             return None
 
     @classmethod
+    def meta_from_model(cls, model: Any, imgsz: int | None = None) -> ArtifactMeta:
+        """The description of a PyTorch model (registry `model_info`, checkpoint meta) that a sidecar gives an
+        exported one: what this pipeline needs to run it through any engine made from it."""
+        return _meta_from_model(model, imgsz, cls.model_postprocess)
+
+    @classmethod
     def from_model(cls, model: Any, *, weights: str | None = None, imgsz: int | None = None, num_classes: int | None = None,
                    device: str | None = None, meta: ArtifactMeta | None = None, **kwargs: Any):
         """PyTorch backend from a registry name (plus optional checkpoint) or an nn.Module with `model_info`."""
@@ -199,7 +205,7 @@ class _Pipeline:
             from edgedeploy.models.registry import create_model
 
             model = create_model(model, num_classes=num_classes, weights=weights)
-        meta = meta or _meta_from_model(model, imgsz, cls.model_postprocess)
+        meta = meta or cls.meta_from_model(model, imgsz)
         size = (int(meta.input_shape[-2]), int(meta.input_shape[-1]))
         engine = TorchEngine(model, input_shape=(DYNAMIC, 3, *size), input_name=meta.input_name, device=device,
                              cuda_graph=kwargs.pop("cuda_graph", False), device_io=kwargs.pop("device_io", None))
