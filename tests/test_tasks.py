@@ -98,3 +98,14 @@ def test_detection_defaults_come_from_options():
     assert opt.NmsMode("trt") is opt.NmsMode.TRT and opt.NMS_MODE.choices == ("none", "onnx", "trt")
     assert opt.PRECISION.choices == tuple(p.value for p in opt.Precision)
     assert opt.CALIB_METHOD.choices[0] == opt.CalibMethod.AUTO.value
+
+
+def test_triton_takes_the_validated_task_flags():
+    from edgedeploy.engines import triton
+
+    p = argparse.ArgumentParser()
+    triton.configure(p)
+    a = p.parse_args(["--engine", "x.onnx", "--repo", "r"])
+    assert (a.conf_thres, a.iou_thres) == (opt.SERVE_NMS.conf_thres, opt.SERVE_NMS.iou_thres)
+    with pytest.raises(SystemExit):  # was a plain float: 2.0 passed
+        p.parse_args(["--engine", "x.onnx", "--repo", "r", "--conf-thres", "2"])

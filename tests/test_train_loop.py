@@ -111,3 +111,14 @@ def test_time_limit_stops_after_the_epoch_and_validates_it(tmp_path, capsys):
     run = fit(ToySpec(cfg))
     assert [r["epoch"] for r in run.rows] == [1] and "val/score" in run.rows[0]
     assert "--time-limit 0 min reached after epoch 1" in capsys.readouterr().out
+
+
+def test_a_flag_of_another_tasks_config_is_an_error():
+    import pytest
+
+    from edgedeploy.errors import EdgeDeployError
+
+    with pytest.raises(EdgeDeployError, match="--mosaic does not apply to classify models"):
+        train_cli.build_config(_parse("--model", "mobilenetv3_small", "--mosaic", "0.5"), "classify")
+    with pytest.raises(EdgeDeployError, match="--label-smoothing does not apply to detect models"):
+        train_cli.build_config(_parse("--model", "yolox_nano", "--label-smoothing", "0.1"), "detect")
