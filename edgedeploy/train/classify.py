@@ -26,7 +26,7 @@ from edgedeploy.data.sources import describe_layout, record_data
 from edgedeploy.errors import EdgeDeployError
 from edgedeploy.eval.classify import evaluate_classifier
 from edgedeploy.tasks import CLASSIFY
-from edgedeploy.train.config import ClassifyConfig, Trainer, build_config
+from edgedeploy.train.config import ClassifyConfig, Trainer, as_config
 from edgedeploy.train.loop import TaskSpec, fit, shuffled_loader
 
 # Overrides of `--data synthetic` (ClassifyConfig holds the user-data defaults; the generated set has
@@ -74,10 +74,7 @@ def train_classifier(model_name: str | ClassifyConfig, data: str | os.PathLike =
     continues that checkpoint in its folder with the arguments it was started with. A ready `ClassifyConfig`
     may be passed instead of the model name.
     """
-    if isinstance(model_name, ClassifyConfig):
-        cfg = model_name
-    else:
-        cfg = build_config(ClassifyConfig, SYNTHETIC_PRESET, model=model_name, data=str(data), **options)
+    cfg = as_config(ClassifyConfig, SYNTHETIC_PRESET, model_name, data, **options)
     spec = ClassifySpec(cfg)
     run = fit(spec)
     out = run.run_dir

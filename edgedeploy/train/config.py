@@ -147,3 +147,11 @@ class Trainer:
 
     def build(self, **given: Any) -> TrainConfig:
         return build_config(self.config, self.preset, **given)
+
+
+def as_config(cls: type[C], preset: Mapping[str, Any], model: "str | C", data: Any, **options: Any) -> C:
+    """`model` itself when it is a ready `cls`, else `cls` built (`build_config`) from the model name, data and
+    options: what every `train_*` function of the Python API accepts."""
+    if isinstance(model, cls):
+        return model
+    return build_config(cls, preset, model=model, data=str(data), **options)

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgedeploy.errors import DatasetError
 from edgedeploy.tasks import DETECT
-from edgedeploy.train.config import DetectConfig, Trainer, build_config
+from edgedeploy.train.config import DetectConfig, Trainer, as_config
 from edgedeploy.train.loop import TaskSpec, fit
 
 # Overrides of `--data synthetic` (DetectConfig holds the defaults): the shapes set does not need the model's
@@ -105,8 +105,7 @@ def train_detector(model: str | DetectConfig = "yolox_nano", data: str | os.Path
     Pass a `DetectConfig`, or a model name, data and `DetectConfig` fields as keyword arguments (those not given
     take the synthetic preset with `data="synthetic"`, else the config's defaults).
     """
-    cfg = model if isinstance(model, DetectConfig) else build_config(
-        DetectConfig, SYNTHETIC_PRESET, model=model, data=str(data), **options)
+    cfg = as_config(DetectConfig, SYNTHETIC_PRESET, model, data, **options)
     spec = DetectSpec(cfg)
     run = fit(spec)
     return spec.final_report(run.cfg)

@@ -12,6 +12,7 @@ next index to run), as it has always been.
 
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,7 +50,7 @@ def shuffled_loader(dataset, batch_size: int, workers: int, device: torch.device
                       generator=generator if seed_workers else None)
 
 
-class TaskSpec:
+class TaskSpec(abc.ABC):
     """What one task plugs into `fit`. The hooks run in this order: `load_data`, `build_model`, `make_ema`,
     `meta`, then per epoch `start_epoch`, `loss` per batch, `validate`. `fit` sets `cfg` (resolved: epochs and
     imgsz filled in, restored on resume), `info`, `device`, `workers` and `out` on the spec before using it."""
@@ -68,10 +69,12 @@ class TaskSpec:
     def default_workers(self, device: torch.device) -> int:
         return 0
 
+    @abc.abstractmethod
     def load_data(self) -> torch.utils.data.DataLoader:
         """Open the datasets (before the run folder exists) and return the training loader."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def build_model(self, resuming: bool) -> nn.Module:
         """The model on `self.device` (initial weights loaded unless resuming)."""
         raise NotImplementedError
@@ -79,6 +82,7 @@ class TaskSpec:
     def make_ema(self, model: nn.Module, total_iters: int) -> ModelEMA:
         return ModelEMA(model)
 
+    @abc.abstractmethod
     def meta(self) -> dict[str, Any]:
         """Checkpoint meta: model_name, task, num_classes, class_names, imgsz, ... (`train_args` is added)."""
         raise NotImplementedError
@@ -87,10 +91,12 @@ class TaskSpec:
         """Per-epoch seeding and recipe switches; returns a note for the progress bar."""
         return ""
 
+    @abc.abstractmethod
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float], int]:
         """(loss to backpropagate, values to average over the epoch, batch weight), run under autocast."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def validate(self, model: nn.Module, epoch: int) -> tuple[dict[str, float], dict[str, Any]]:
         """(row entries "val/..." including `metric`, extra checkpoint meta) for the weights to deploy."""
         raise NotImplementedError

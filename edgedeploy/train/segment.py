@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from edgedeploy.tasks import SEGMENT
 from edgedeploy.train.common import ModelEMA
-from edgedeploy.train.config import SegmentConfig, Trainer, build_config
+from edgedeploy.train.config import SegmentConfig, Trainer, as_config
 from edgedeploy.train.loop import TaskSpec, fit, shuffled_loader
 
 # Overrides of `--data synthetic` (SegmentConfig holds torchvision's recipe for user data). Small images, from
@@ -83,10 +83,7 @@ def train_segmentation(model_name: str | SegmentConfig = "lraspp_mobilenetv3", d
     `resume=PATH` that checkpoint, with the arguments it was started with. `weights` initialises from a checkpoint
     (torchvision's included). A ready `SegmentConfig` may be passed instead of the model name.
     """
-    if isinstance(model_name, SegmentConfig):
-        cfg = model_name
-    else:
-        cfg = build_config(SegmentConfig, SYNTHETIC_PRESET, model=model_name, data=str(data), **options)
+    cfg = as_config(SegmentConfig, SYNTHETIC_PRESET, model_name, data, **options)
     spec = SegmentSpec(cfg)
     run = fit(spec)
     if spec.scores is not None:
